@@ -1,0 +1,621 @@
+"""Dataset readers: one interface over PASCAL VOC (and the VOC layout) and COCO.
+
+A reader lists the items of one split and loads each as ``(image, mask)``: an ``HxWx3`` uint8
+RGB image and an ``HxW`` uint8 mask of *our* contiguous class ids (0 = background,
+255 = ignore). Readers are pickled to Dask workers that call :meth:`Reader.load`, so they hold
+only paths and small class tables; everything an item needs travels in its :class:`Item`.
+
+Errors come in two kinds: :class:`DatasetError` (the dataset as a whole is unusable: stop) and
+:class:`BadItem` (one item is unusable: quarantine it and go on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+VOC_CLASSES: list[str] = [
+    "background",
+    "aeroplane", "bicycle", "bird", "boat", "bottle",
+    "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person",
+    "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]  # fmt: skip
+
+IGNORE = 255
+# Class ids live in uint8 masks next to the ignore value 255.
+MAX_CLASSES = 255
+
+
+class DatasetError(Exception):
+    """The dataset as a whole is unusable (wrong root, unreadable annotation file): stop at once."""
+
+
+class BadItem(Exception):
+    """One item is unusable; ingest quarantines it and goes on."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(path, reason)
+        self.path = str(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a split and what is needed to load its mask."""
+
+    id: str
+    split: str
+    image_path: str
+    label: object
+    height: int | None = None
+    width: int | None = None
+
+
+class Reader:
+    """Common interface of the dataset readers."""
+
+    kind: str
+    root: Path
+    split: str
+    classes: list[str]
+    source_ids: list[int]
+
+    def list_items(self) -> list[Item]:
+        """The split's items, sorted deterministically."""
+        raise NotImplementedError
+
+    def load(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
+        """``(image HxWx3 uint8 RGB, mask HxW uint8 class ids)``; raises :class:`BadItem`."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """sha256 hex of what defines the source (listing, annotations, class list)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """A json-able description of the source."""
+        return {
+            "kind": self.kind,
+            "root": str(self.root),
+            "split": self.split,
+            "classes": list(self.classes),
+            "source_ids": list(self.source_ids),
+        }
+
+    def _hash(self, listing: list[list[Any]], extra: dict[str, Any]) -> str:
+        # The root is left out on purpose: moving a dataset must not invalidate its store.
+        payload = {
+            "kind": self.kind,
+            "classes": self.classes,
+            "source_ids": self.source_ids,
+            "listing": listing,
+            **extra,
+        }
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def make_reader(
+    source: str,
+    root: str | Path,
+    split: str = "train",
+    *,
+    classes_file: str | Path | None = None,
+    list_file: str | Path | None = None,
+) -> Reader:
+    """Build the reader for ``source`` ("voc" or "coco").
+
+    For COCO, ``list_file`` names the annotation json explicitly; ``classes_file`` is refused
+    because COCO's classes come from its json.
+    """
+    kind = source.lower()
+    if kind == "voc":
+        return VOCReader(root, split, classes_file=classes_file, list_file=list_file)
+    if kind == "coco":
+        if classes_file is not None:
+            raise ValueError("COCO takes its classes from the annotation json; drop classes_file")
+        return COCOReader(root, split, annotation_file=list_file)
+    raise ValueError(f"unknown dataset source {source!r}; expected 'voc' or 'coco'")
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _root_dir(root: str | Path) -> Path:
+    path = Path(root).expanduser().absolute()
+    if not path.is_dir():
+        raise DatasetError(f"dataset root {path} is not a directory")
+    return path
+
+
+def _file_size(path: str | Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
+def _rel(path: str | Path, root: Path) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def _require_some_images(items: list[Item], where: Path) -> None:
+    """A wrong root or an undownloaded image folder is a dataset error, not N bad items."""
+    if items and not any(os.path.isfile(item.image_path) for item in items):
+        raise DatasetError(f"none of the {len(items)} listed images exist (looked under {where})")
+
+
+def _header_size(path: str | Path) -> tuple[int | None, int | None]:
+    """(height, width) from the file header alone; (None, None) when unreadable."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except Exception:  # any failure here is reported properly by load(); the size is optional
+        return None, None
+    return height, width
+
+
+def _decode(path: str | Path, what: str) -> Image.Image:
+    """Open and fully decode an image file, mapping every failure to BadItem."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise BadItem(path, f"{what} file missing")
+    try:
+        with Image.open(path) as im:
+            im.load()  # forces a full decode: truncated files fail here, not later
+            return im.copy()  # detached from the file, which the with-block closes
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise BadItem(path, f"{what} fails to decode: {exc}") from exc
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    # EXIF orientation is deliberately not applied: VOC and COCO annotate the stored pixels.
+    if im.mode == "P":
+        im = im.convert("RGBA")  # palette transparency must go through RGBA (Pillow warns)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.array(im, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# VOC
+
+
+def _read_classes_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"cannot read classes file {path}: {exc}") from exc
+    names = [line.strip() for line in lines]
+    while names and not names[-1]:
+        names.pop()
+    if len(names) < 2:
+        raise DatasetError(f"classes file {path} needs background plus at least one class")
+    if len(names) > MAX_CLASSES:
+        raise DatasetError(f"classes file {path} has {len(names)} classes; at most 255 fit")
+    if "" in names:
+        raise DatasetError(f"classes file {path} has a blank line {names.index('') + 1}")
+    if len(set(names)) != len(names):
+        raise DatasetError(f"classes file {path} repeats a class name")
+    # labelme-style files write "_background_"; any spelling of background is accepted.
+    if names[0].strip("_").lower() != "background":
+        raise DatasetError(f"classes file {path}: line 1 must be the background, got {names[0]!r}")
+    return ["background", *names[1:]]
+
+
+class VOCReader(Reader):
+    """PASCAL VOC 2012, its SBD-augmented variant, or any dataset in the VOC layout.
+
+    Resolution rules:
+
+    * images are ``root/JPEGImages/<stem>.jpg``;
+    * masks are ``root/SegmentationClass/<stem>.png`` (palette PNG, raw indices are the class
+      ids), or ``root/SegmentationClassAug/<stem>.png`` (grayscale) for split names ending in
+      ``_aug`` such as ``train_aug``;
+    * the list is ``list_file`` when given, else ``root/ImageSets/Segmentation/<split>.txt``,
+      and for ``_aug`` splits also ``root/ImageSets/SegmentationAug/<split>.txt`` (the first
+      that exists wins);
+    * a list line is either a stem (``2007_000032``) or an image/mask pair relative to the root
+      (``JPEGImages/x.jpg SegmentationClassAug/x.png``, leading slash optional, as in
+      PFENet/HSNet/DeepLab lists); a pair's paths override the rules above;
+    * classes are ``classes_file`` when given, else ``root/classes.txt`` when present, else
+      :data:`VOC_CLASSES`; a classes file has one name per line, line i is class id i and the
+      first line is the background.
+    """
+
+    kind = "voc"
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        *,
+        classes_file: str | Path | None = None,
+        list_file: str | Path | None = None,
+    ):
+        self.root = _root_dir(root)
+        self.split = split
+        self.mask_dir = "SegmentationClassAug" if split.endswith("_aug") else "SegmentationClass"
+        self.list_file = self._find_list(list_file)
+        if classes_file is not None:
+            self.classes_file: Path | None = Path(classes_file).expanduser().absolute()
+        elif (self.root / "classes.txt").is_file():
+            self.classes_file = self.root / "classes.txt"
+        else:
+            self.classes_file = None
+        self.classes = (
+            _read_classes_file(self.classes_file) if self.classes_file else list(VOC_CLASSES)
+        )
+        self.source_ids = list(range(len(self.classes)))
+
+    def _find_list(self, list_file: str | Path | None) -> Path:
+        if list_file is not None:
+            candidates = [Path(list_file).expanduser().absolute()]
+        else:
+            candidates = [self.root / "ImageSets" / "Segmentation" / f"{self.split}.txt"]
+            if self.split.endswith("_aug"):
+                candidates.append(self.root / "ImageSets" / "SegmentationAug" / f"{self.split}.txt")
+        for path in candidates:
+            if path.is_file():
+                return path
+        tried = ", ".join(str(p) for p in candidates)
+        raise DatasetError(f"no list file for split {self.split!r} (tried {tried})")
+
+    def _entries(self) -> dict[str, tuple[Path, Path]]:
+        """stem -> (image path, mask path), from the list file."""
+        try:
+            lines = self.list_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"cannot read list file {self.list_file}: {exc}") from exc
+        entries: dict[str, tuple[Path, Path]] = {}
+        for number, line in enumerate(lines, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) == 1:
+                stem = fields[0]
+                pair = (
+                    self.root / "JPEGImages" / f"{stem}.jpg",
+                    self.root / self.mask_dir / f"{stem}.png",
+                )
+            elif len(fields) == 2:
+                pair = (self.root / fields[0].lstrip("/"), self.root / fields[1].lstrip("/"))
+                stem = pair[0].stem
+            else:
+                raise DatasetError(
+                    f"{self.list_file}:{number}: expected a stem or an image/mask pair, "
+                    f"got {len(fields)} fields"
+                )
+            if entries.setdefault(stem, pair) != pair:
+                raise DatasetError(
+                    f"{self.list_file}:{number}: stem {stem!r} listed twice with different files"
+                )
+        if not entries:
+            raise DatasetError(f"list file {self.list_file} lists no images")
+        return entries
+
+    def list_items(self) -> list[Item]:
+        items = []
+        for stem, (image, mask) in sorted(self._entries().items()):
+            height, width = _header_size(image)
+            items.append(Item(stem, self.split, str(image), str(mask), height, width))
+        _require_some_images(items, self.root)
+        return items
+
+    def load(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
+        image_im = _decode(item.image_path, "image")
+        mask_path = str(item.label)
+        mask_im = _decode(mask_path, "mask")
+        if mask_im.size != image_im.size:
+            (mw, mh), (iw, ih) = mask_im.size, image_im.size
+            raise BadItem(mask_path, f"mask {mw}x{mh} != image {iw}x{ih}")
+        if mask_im.mode not in ("P", "L", "1", "I", "I;16"):
+            raise BadItem(
+                mask_path, f"mask mode {mask_im.mode} holds no class ids (palette/grayscale)"
+            )
+        raw = np.asarray(mask_im)
+        values = np.unique(raw)
+        unknown = values[((values < 0) | (values >= len(self.classes))) & (values != IGNORE)]
+        if unknown.size:
+            raise BadItem(mask_path, f"unknown label ids {unknown.tolist()}")
+        return _to_rgb(image_im), raw.astype(np.uint8)
+
+    def fingerprint(self) -> str:
+        listing = [
+            [
+                item.id,
+                _rel(item.image_path, self.root),
+                _file_size(item.image_path),
+                _rel(str(item.label), self.root),
+                _file_size(str(item.label)),
+            ]
+            for item in self.list_items()
+        ]
+        return self._hash(listing, {})
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "list_file": str(self.list_file),
+            "mask_dir": self.mask_dir,
+            "classes_file": str(self.classes_file) if self.classes_file else None,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO
+
+# What load() needs from an annotation; the rest (bbox, area, ...) is not shipped to workers.
+_ANN_KEYS = ("id", "category_id", "iscrowd", "segmentation")
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return (_integer(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _string_rle_counts(counts: str) -> list[int]:
+    """Decode COCO's compressed RLE string (maskApi.c rleFrString) to run lengths."""
+    runs: list[int] = []
+    pos = 0
+    while pos < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if pos >= len(counts):
+                raise ValueError("RLE string ends inside a number")
+            char = ord(counts[pos]) - 48
+            if not 0 <= char < 64:
+                raise ValueError(f"RLE string has an invalid character {counts[pos]!r}")
+            value |= (char & 0x1F) << shift
+            more = bool(char & 0x20)
+            pos += 1
+            shift += 5
+            if not more and char & 0x10:
+                value -= 1 << shift  # sign-extend
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+class COCOReader(Reader):
+    """COCO instance annotations in the official layout, read with pycocotools' mask API.
+
+    * Split ``train`` resolves to ``root/annotations/instances_train.json``, else
+      ``instances_train2017.json``, else ``instances_train2014.json``; ``train2017`` names its
+      file directly; ``annotation_file`` overrides the search. Images are
+      ``root/<split-dir>/<file_name>``, the split-dir being the json's ``instances_`` suffix.
+    * Every image in the json is an item, also those without annotations (all background).
+    * Class index 1..N = categories sorted by category id (COCO's 80 ids become 1..80);
+      ``source_ids`` keeps the category ids, names are the json's.
+    * Mask: per-category union of instance masks. Non-crowd instances are painted in
+      *descending* pixel area (ties: ascending annotation id, the later wins), so smaller
+      instances, which usually lie in front, win overlaps. Crowd (``iscrowd=1``) regions then
+      become 255 where no non-crowd instance labelled the pixel.
+
+    The json is parsed with :mod:`json` rather than ``pycocotools.coco.COCO`` so that a broken
+    file gives a clear :class:`DatasetError`; no index survives listing (pickles stay small).
+    """
+
+    kind = "coco"
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        *,
+        annotation_file: str | Path | None = None,
+    ):
+        self.root = _root_dir(root)
+        self.split = split
+        self.annotation_file = self._find_annotations(annotation_file)
+        match = re.fullmatch(r"instances_(.+)\.json", self.annotation_file.name)
+        self.image_dir = self.root / (match.group(1) if match else split)
+        if not self.image_dir.is_dir():
+            raise DatasetError(f"image folder {self.image_dir} is missing")
+        self._items: list[Item] | None = None
+        self._parse()
+
+    def _find_annotations(self, annotation_file: str | Path | None) -> Path:
+        if annotation_file is not None:
+            candidates = [Path(annotation_file).expanduser().absolute()]
+        else:
+            names = [self.split]
+            if not re.search(r"\d{4}$", self.split):
+                names += [f"{self.split}2017", f"{self.split}2014"]
+            candidates = [self.root / "annotations" / f"instances_{n}.json" for n in names]
+        for path in candidates:
+            if path.is_file():
+                return path
+        tried = ", ".join(str(p) for p in candidates)
+        raise DatasetError(f"no annotation file for split {self.split!r} (tried {tried})")
+
+    def _parse(self) -> None:
+        """Read the json: class tables and the item list (kept until pickling)."""
+        path = self.annotation_file
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DatasetError(f"cannot read annotation file {path}: {exc}") from exc
+        try:
+            categories = sorted(data["categories"], key=lambda c: c["id"])
+            cat_ids = [c["id"] for c in categories]
+            names = [str(c["name"]) for c in categories]
+            rows = sorted(
+                (im["id"], im["file_name"], im["height"], im["width"]) for im in data["images"]
+            )
+            by_image: dict[int, list[dict[str, Any]]] = {row[0]: [] for row in rows}
+            ann_ids = []
+            for ann in data["annotations"]:
+                ann_ids.append(ann["id"])
+                if ann["image_id"] in by_image:
+                    entry = {k: ann[k] for k in _ANN_KEYS if k in ann}
+                    by_image[ann["image_id"]].append(entry)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise DatasetError(f"{path}: not a COCO instances file ({exc!r})") from exc
+        if not all(_integer(i) and i > 0 for i in cat_ids):
+            raise DatasetError(f"{path}: category ids must be positive integers")
+        if not all(_integer(i) for i in ann_ids) or not all(_integer(row[0]) for row in rows):
+            raise DatasetError(f"{path}: image and annotation ids must be integers")
+        if not all(_integer(v) and v > 0 for row in rows for v in row[2:]):
+            raise DatasetError(f"{path}: image height and width must be positive integers")
+        if len(set(cat_ids)) != len(cat_ids) or len(set(names)) != len(names):
+            raise DatasetError(f"{path}: category ids and names must be unique")
+        if not 0 < len(cat_ids) < MAX_CLASSES:
+            raise DatasetError(f"{path}: {len(cat_ids)} categories; 1..254 fit in a uint8 mask")
+        if len(by_image) != len(rows):
+            raise DatasetError(f"{path}: duplicate image ids")
+        self.classes = ["background", *names]
+        self.source_ids = [0, *cat_ids]
+        self.category_index = {cid: index for index, cid in enumerate(cat_ids, 1)}
+        self._items = [
+            Item(
+                str(image_id),
+                self.split,
+                str(self.image_dir / file_name),
+                tuple(by_image[image_id]),
+                height,
+                width,
+            )
+            for image_id, file_name, height, width in rows
+        ]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers only call load(): the item list would make every pickled task huge.
+        return {**self.__dict__, "_items": None}
+
+    def list_items(self) -> list[Item]:
+        if self._items is None:
+            self._parse()
+        assert self._items is not None
+        _require_some_images(self._items, self.image_dir)
+        return list(self._items)
+
+    def _rle(self, item: Item, ann: dict[str, Any], height: int, width: int) -> dict[str, Any]:
+        """Validate one annotation's segmentation and return its (compressed) RLE."""
+
+        def bad(reason: str) -> BadItem:
+            return BadItem(
+                str(self.annotation_file),
+                f"image {item.id} annotation {ann.get('id')}: {reason}",
+            )
+
+        seg = ann.get("segmentation")
+        if not seg:
+            raise bad("missing or empty segmentation")
+        if isinstance(seg, list):
+            # pycocotools' rasteriser allocates per unit of edge length: far-off points are fatal.
+            reach = 2 * max(height, width)
+            for poly in seg:
+                if not isinstance(poly, list) or not all(_number(v) for v in poly):
+                    raise bad("polygon is not a list of finite numbers")
+                if len(poly) < 6 or len(poly) % 2:
+                    raise bad(f"polygon with {len(poly)} coordinates (need an even number >= 6)")
+                if not all(-reach <= v <= reach for v in poly):
+                    raise bad("polygon coordinates far outside the image")
+            return mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+        if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
+            raise bad("segmentation is neither polygons nor an RLE with counts and size")
+        size = seg["size"]
+        if not isinstance(size, list | tuple) or list(size) != [height, width]:
+            raise bad(f"RLE size {size!r} != image size {[height, width]}")
+        counts = seg["counts"]
+        if isinstance(counts, str | bytes):
+            try:
+                text = counts.decode("ascii") if isinstance(counts, bytes) else counts
+                runs = _string_rle_counts(text)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise bad(f"corrupt RLE: {exc}") from exc
+        elif isinstance(counts, list) and all(isinstance(c, int) for c in counts):
+            runs = counts
+        else:
+            raise bad("RLE counts are neither a string nor a list of integers")
+        # pycocotools decodes without bounds checks: bad run lengths would overrun its buffer.
+        if any(r < 0 for r in runs) or sum(runs) != height * width:
+            raise bad(f"RLE runs cover {sum(runs)} pixels, image has {height * width}")
+        if isinstance(counts, list):
+            return mask_utils.frPyObjects(seg, height, width)
+        return {"size": [height, width], "counts": counts}
+
+    def load(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
+        image_im = _decode(item.image_path, "image")
+        width, height = image_im.size
+        if item.height is not None and (item.height, item.width) != (height, width):
+            raise BadItem(
+                item.image_path,
+                f"image {width}x{height} != annotated size {item.width}x{item.height}",
+            )
+        things: list[tuple[int, int, int, dict[str, Any]]] = []
+        crowds: list[dict[str, Any]] = []
+        for ann in item.label:
+            index = self.category_index.get(ann.get("category_id"))
+            if index is None:
+                raise BadItem(
+                    str(self.annotation_file),
+                    f"image {item.id} annotation {ann.get('id')}: "
+                    f"unknown category_id {ann.get('category_id')!r}",
+                )
+            crowd = ann.get("iscrowd", 0)
+            if crowd not in (0, 1):
+                raise BadItem(
+                    str(self.annotation_file),
+                    f"image {item.id} annotation {ann.get('id')}: iscrowd must be 0 or 1",
+                )
+            rle = self._rle(item, ann, height, width)
+            if crowd:
+                crowds.append(rle)
+            else:
+                things.append((-int(mask_utils.area(rle)), ann["id"], index, rle))
+        mask = np.zeros((height, width), np.uint8)
+        labelled = np.zeros((height, width), bool)
+        # Largest first: smaller instances, painted later, win overlaps.
+        for _, _, index, rle in sorted(things, key=lambda t: (t[0], t[1])):
+            instance = mask_utils.decode(rle).astype(bool)
+            mask[instance] = index
+            labelled |= instance
+        if crowds:
+            crowd = mask_utils.decode(mask_utils.merge(crowds)).astype(bool)
+            mask[crowd & ~labelled] = IGNORE
+        return _to_rgb(image_im), mask
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        try:
+            with open(self.annotation_file, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as exc:
+            raise DatasetError(
+                f"cannot read annotation file {self.annotation_file}: {exc}"
+            ) from exc
+        listing = [
+            [item.id, _rel(item.image_path, self.root), _file_size(item.image_path)]
+            for item in self.list_items()
+        ]
+        return self._hash(listing, {"annotations_sha256": digest.hexdigest()})
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "annotation_file": str(self.annotation_file),
+            "image_dir": str(self.image_dir),
+        }
