@@ -1,0 +1,137 @@
+"""Ingest: list a source dataset, plan its store layout, and process one shard at a time.
+
+Plain functions; `flows/ingest.py` fans `ingest_shard` out over Dask with one Prefect task per
+shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from tasks import store
+from tasks.readers import BadItem, Item, Reader
+
+DEFAULT_SIZE = 144
+DEFAULT_SHARD_SIZE = 64
+
+
+@dataclass
+class IngestPlan:
+    """What one ingest run writes: the layout and the items of every shard."""
+
+    spec: store.DatasetSpec
+    items: list[Item]
+    readers: dict[str, Reader]  # by split
+
+    def shard_items(self, shard: int) -> list[Item]:
+        start, stop = store.shard_bounds(len(self.items), self.spec.shard_size)[shard]
+        return self.items[start:stop]
+
+
+@dataclass
+class ShardReport:
+    shard: int
+    ingested: int = 0
+    quarantined: list[dict[str, str]] = field(default_factory=list)
+    skipped: bool = False  # already complete before this run
+
+
+def plan_ingest(readers: Sequence[Reader], name: str, *, size: int = DEFAULT_SIZE,
+                shard_size: int = DEFAULT_SHARD_SIZE) -> IngestPlan:
+    """List every split's items (fails fast on a wrong root) and derive the dataset version."""
+    store.validate_name(name)
+    if size < 16:
+        raise ValueError(f"size must be at least 16 px, got {size}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    first = readers[0]
+    for r in readers[1:]:
+        if r.classes != first.classes:
+            raise ValueError("all splits of one dataset must share one class list")
+    items = [item for r in readers for item in r.list_items()]
+    if not items:
+        raise ValueError(f"no items listed for {name}: check the root and split")
+    fingerprint = hashlib.sha256(
+        "".join(r.fingerprint() for r in readers).encode()).hexdigest()
+    splits = [r.describe()["split"] for r in readers]
+    params = {"size": size, "shard_size": shard_size, "kind": first.kind, "splits": splits}
+    heights = [i.height for i in items if i.height]
+    widths = [i.width for i in items if i.width]
+    spec = store.DatasetSpec(
+        name=name,
+        version=store.version_id(params, fingerprint),
+        size=size,
+        shard_size=shard_size,
+        classes=list(first.classes),
+        source_ids=[int(s) for s in first.source_ids],
+        ids=[i.id for i in items],
+        splits=[i.split for i in items],
+        source_paths=[i.image_path for i in items],
+        max_height=max(heights, default=size),
+        max_width=max(widths, default=size),
+        params=params,
+        fingerprint=fingerprint,
+        source={"readers": [r.describe() for r in readers]},
+    )
+    return IngestPlan(spec=spec, items=items, readers={s: r for s, r in zip(splits, readers,
+                                                                                strict=True)})
+
+
+def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical size: images bilinear, labels nearest (never invent class ids)."""
+    img = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR)
+    lbl = Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(img), np.asarray(lbl)
+
+
+def load_item(reader: Reader, item: Item, size: int) -> store.ItemResult:
+    """Decode, validate and resize one item; a bad item becomes a quarantine reason."""
+    try:
+        image, mask = reader.load(item)
+    except BadItem as exc:
+        # The failing file may be the label rather than the image: keep its path then.
+        where = "" if exc.path == item.image_path else f"{exc.path}: "
+        return store.ItemResult(reason=where + exc.reason)
+    except Exception as exc:  # noqa: BLE001 - one unexpected failure must not sink the shard
+        return store.ItemResult(reason=f"unexpected {type(exc).__name__}: {exc}")
+    small_image, small_mask = resize_pair(image, mask, size)
+    return store.ItemResult(image=small_image, mask=small_mask, original_mask=mask)
+
+
+def ingest_shard(store_url: str, name: str, version: str, shard: int, items: Sequence[Item],
+                 readers: dict[str, Reader], size: int) -> ShardReport:
+    """Process and write one shard; a no-op when the shard is already complete."""
+    if shard in store.done_shards(store_url, name, version):
+        return ShardReport(shard=shard, skipped=True)
+    results = [load_item(readers[item.split], item, size) for item in items]
+    store.write_shard(store_url, name, version, shard, results)
+    report = ShardReport(shard=shard)
+    for item, result in zip(items, results, strict=True):
+        if result.ok:
+            report.ingested += 1
+        else:
+            report.quarantined.append({"path": item.image_path, "reason": result.reason})
+    return report
+
+
+def summarize(reports: Sequence[ShardReport], plan: IngestPlan,
+              final: dict[str, Any]) -> dict[str, Any]:
+    """The run's account: what this run did, and what the store now holds."""
+    return {
+        "name": plan.spec.name,
+        "version": plan.spec.version,
+        "listed": len(plan.items),
+        "shards": plan.spec.n_shards,
+        "shards_written": sum(not r.skipped for r in reports),
+        "shards_skipped": sum(r.skipped for r in reports),
+        "ingested": final["ingested"],
+        "quarantined": final["quarantined"],
+        "pending": final["pending"],
+        "complete": final["complete"],
+    }

@@ -1,0 +1,414 @@
+"""The Zarr store: the one module that knows array paths, chunking and sharding.
+
+Layout (Zarr v3, a local folder or any fsspec URL)::
+
+    <store>/datasets/<name>/                  attrs: latest version, versions and their summaries
+    <store>/datasets/<name>/<version>/        attrs: params, source fingerprint, classes, summary
+        images            (N, S, S, 3) uint8   canonical size; uncompressed (photos barely compress)
+        masks             (N, S, S)    uint8   class ids at canonical size, 255 = ignore
+        original_masks    (N, Hmax, Wmax) uint8 labels at their original size, padded with 255
+        index/id, index/split, index/source_path      (N,) str, written once at creation
+        index/status      (N,) uint8  0 pending, 1 ingested, 2 quarantined
+        index/reason      (N,) str    why an item was quarantined
+        index/height, index/width (N,) int32  original size
+        index/class_pixels (N, C) int64       pixels of each class at original resolution
+        shard_done        (n_shards,) uint8   1 once every array of the shard is written
+
+Chunks hold one image; shards hold ``shard_size`` images and every per-row index array is
+chunked by the same rows, so exactly one writer owns each shard (partial-shard writes through
+Dask lose data silently: see DESIGN.md). A shard's ``shard_done`` flag is written last, so a crash
+leaves it unset and a rerun rewrites it; a finished shard is skipped. A version is a hash of the
+ingest parameters and the source fingerprint: a changed parameter makes a new version instead of
+overwriting the old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.codecs import ZstdCodec
+
+LAYOUT_VERSION = 1
+DATASETS = "datasets"
+PENDING, INGESTED, QUARANTINED = 0, 1, 2
+IGNORE = 255
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MASK_CODEC = ZstdCodec(level=3)  # masks compress 40-190x; images are stored raw
+
+
+class StoreError(Exception):
+    """The store or a dataset in it is missing or inconsistent."""
+
+
+def validate_name(name: str) -> str:
+    """Dataset names become path segments: refuse anything that could leave the store."""
+    if not _NAME.match(name) or ".." in name:
+        raise ValueError(
+            f"invalid dataset name {name!r}: use letters, digits, '.', '_' and '-' "
+            "(starting with a letter or digit, at most 128 characters)"
+        )
+    return name
+
+
+def version_id(params: dict[str, Any], fingerprint: str) -> str:
+    """Deterministic version of a dataset: same source and parameters, same version."""
+    blob = json.dumps({"layout": LAYOUT_VERSION, "params": params, "source": fingerprint},
+                      sort_keys=True)
+    return "v-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def shard_bounds(n_items: int, shard_size: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of each shard."""
+    return [(s, min(s + shard_size, n_items)) for s in range(0, n_items, shard_size)]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything needed to lay out one dataset version before any shard is written."""
+
+    name: str
+    version: str
+    size: int
+    shard_size: int
+    classes: list[str]
+    source_ids: list[int]
+    ids: list[str]
+    splits: list[str]
+    source_paths: list[str]
+    max_height: int
+    max_width: int
+    params: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_shards(self) -> int:
+        return len(shard_bounds(self.n_items, self.shard_size))
+
+
+@dataclass
+class ItemResult:
+    """One ingested (arrays set) or quarantined (reason set) item, as a shard writer gets it."""
+
+    image: np.ndarray | None = None  # (S, S, 3) uint8
+    mask: np.ndarray | None = None  # (S, S) uint8
+    original_mask: np.ndarray | None = None  # (h, w) uint8
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.image is not None
+
+
+def _root(store_url: str, mode: str = "a", storage_options: dict | None = None) -> zarr.Group:
+    try:
+        return zarr.open_group(store=store_url, mode=mode, storage_options=storage_options)
+    except FileNotFoundError as exc:
+        raise StoreError(f"no Zarr store at {store_url}") from exc
+
+
+def _version_path(name: str, version: str) -> str:
+    return f"{DATASETS}/{validate_name(name)}/{version}"
+
+
+def create_dataset(store_url: str, spec: DatasetSpec) -> bool:
+    """Create the arrays of a dataset version; a no-op when it already exists.
+
+    Returns True when the arrays were created now. Only the orchestrating process calls this,
+    before any shard writer starts.
+    """
+    root = _root(store_url)
+    path = _version_path(spec.name, spec.version)
+    if path in root and root[path].attrs.get("created"):
+        return False
+    n, s, c = spec.n_items, spec.size, len(spec.classes)
+    g = root.require_group(path)
+    rows = spec.shard_size
+
+    def arr(key: str, shape: tuple, dtype: Any, chunks: tuple, fill: Any, **kw: Any) -> Any:
+        return g.create_array(key, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill,
+                              overwrite=True, **kw)
+
+    arr("images", (n, s, s, 3), "uint8", (1, s, s, 3), 0, shards=(rows, s, s, 3),
+        compressors=None)
+    arr("masks", (n, s, s), "uint8", (1, s, s), IGNORE, shards=(rows, s, s),
+        compressors=_MASK_CODEC)
+    hmax, wmax = spec.max_height, spec.max_width
+    arr("original_masks", (n, hmax, wmax), "uint8", (1, hmax, wmax), IGNORE,
+        shards=(rows, hmax, wmax), compressors=_MASK_CODEC)
+    for key, values in (("id", spec.ids), ("split", spec.splits),
+                        ("source_path", spec.source_paths)):
+        arr(f"index/{key}", (n,), str, (rows,), "")[:] = np.asarray(values, dtype=str)
+    arr("index/status", (n,), "uint8", (rows,), PENDING)
+    arr("index/reason", (n,), str, (rows,), "")
+    arr("index/height", (n,), "int32", (rows,), 0)
+    arr("index/width", (n,), "int32", (rows,), 0)
+    arr("index/class_pixels", (n, c), "int64", (rows, c), 0)
+    arr("shard_done", (spec.n_shards,), "uint8", (1,), 0)
+    g.attrs.update({
+        "layout": LAYOUT_VERSION,
+        "name": spec.name,
+        "version": spec.version,
+        "size": s,
+        "shard_size": rows,
+        "classes": spec.classes,
+        "source_ids": spec.source_ids,
+        "params": spec.params,
+        "fingerprint": spec.fingerprint,
+        "source": spec.source,
+        "n_listed": n,
+        "created": True,  # last: a crash before this recreates the arrays on rerun
+    })
+    return True
+
+
+def done_shards(store_url: str, name: str, version: str) -> set[int]:
+    """Indices of shards whose arrays are completely written."""
+    flags = _root(store_url, mode="r")[_version_path(name, version)]["shard_done"][:]
+    return {int(i) for i in np.flatnonzero(flags)}
+
+
+def write_shard(store_url: str, name: str, version: str, shard: int,
+                results: Sequence[ItemResult]) -> None:
+    """Write all rows of one shard, then mark it done. The caller owns the whole shard."""
+    g = _root(store_url)[_version_path(name, version)]
+    rows = int(g.attrs["shard_size"])
+    start = shard * rows
+    stop = start + len(results)
+    if stop > g["images"].shape[0] or (stop - start != rows and stop != g["images"].shape[0]):
+        raise StoreError(f"shard {shard} of {name}/{version} must hold rows {start}..{stop}")
+    n, s = len(results), int(g.attrs["size"])
+    hmax, wmax = g["original_masks"].shape[1:]
+    n_classes = g["index/class_pixels"].shape[1]
+    images = np.zeros((n, s, s, 3), np.uint8)
+    masks = np.full((n, s, s), IGNORE, np.uint8)
+    originals = np.full((n, hmax, wmax), IGNORE, np.uint8)
+    status = np.full(n, QUARANTINED, np.uint8)
+    reasons = np.asarray([r.reason for r in results], dtype=str)
+    heights = np.zeros(n, np.int32)
+    widths = np.zeros(n, np.int32)
+    class_pixels = np.zeros((n, n_classes), np.int64)
+    for i, r in enumerate(results):
+        if not r.ok:
+            continue
+        h, w = r.original_mask.shape
+        if h > hmax or w > wmax:
+            status[i], reasons[i] = QUARANTINED, f"label {w}x{h} exceeds the listed maximum"
+            continue
+        images[i], masks[i], originals[i, :h, :w] = r.image, r.mask, r.original_mask
+        heights[i], widths[i], status[i] = h, w, INGESTED
+        counts = np.bincount(r.original_mask.ravel(), minlength=256)
+        class_pixels[i] = counts[:n_classes]
+    # Whole-shard writes: each call covers exactly one shard, so no read-modify-write races.
+    g["images"][start:stop] = images
+    g["masks"][start:stop] = masks
+    g["original_masks"][start:stop] = originals
+    g["index/status"][start:stop] = status
+    g["index/reason"][start:stop] = reasons
+    g["index/height"][start:stop] = heights
+    g["index/width"][start:stop] = widths
+    g["index/class_pixels"][start:stop] = class_pixels
+    g["shard_done"][shard] = 1
+
+
+def finalize_dataset(store_url: str, name: str, version: str) -> dict[str, Any]:
+    """Record the version's summary and make it the dataset's latest; returns the summary."""
+    root = _root(store_url)
+    g = root[_version_path(name, version)]
+    status = g["index/status"][:]
+    done = g["shard_done"][:]
+    summary = {
+        "listed": int(status.size),
+        "ingested": int((status == INGESTED).sum()),
+        "quarantined": int((status == QUARANTINED).sum()),
+        "pending": int((status == PENDING).sum()),
+        "shards": int(done.size),
+        "shards_done": int(done.sum()),
+    }
+    summary["complete"] = summary["shards_done"] == summary["shards"]
+    g.attrs["summary"] = summary
+    if summary["complete"]:
+        parent = root[f"{DATASETS}/{name}"]
+        versions = dict(parent.attrs.get("versions", {}))
+        versions[version] = {"params": g.attrs["params"], "summary": summary}
+        parent.attrs.update({"latest": version, "versions": versions})
+    return summary
+
+
+class _ShardCache:
+    """Byte-bounded LRU of decoded shards: random episode reads then cost a memory copy.
+
+    Zarr reads one image from a shard in ~3 ms but a whole 64-image shard in ~17 ms, so
+    reading whole shards and keeping them pays off as soon as a shard is touched twice.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._blocks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int], load: Any) -> np.ndarray:
+        with self._lock:
+            block = self._blocks.get(key)
+            if block is not None:
+                self._blocks.move_to_end(key)
+                return block
+        block = load()
+        with self._lock:
+            if key not in self._blocks:
+                self._blocks[key] = block
+                self._bytes += block.nbytes
+                while self._bytes > self.max_bytes and len(self._blocks) > 1:
+                    _, old = self._blocks.popitem(last=False)
+                    self._bytes -= old.nbytes
+        return block
+
+
+class Dataset:
+    """Read API of one dataset version: ids, images, masks, labels at original size, index."""
+
+    def __init__(self, group: zarr.Group, cache_bytes: int):
+        attrs = group.attrs
+        self.group = group
+        self.name: str = attrs["name"]
+        self.version: str = attrs["version"]
+        self.size: int = int(attrs["size"])
+        self.shard_size: int = int(attrs["shard_size"])
+        self.classes: list[str] = list(attrs["classes"])
+        self.source_ids: list[int] = list(attrs["source_ids"])
+        self.params: dict[str, Any] = dict(attrs["params"])
+        self.fingerprint: str = attrs["fingerprint"]
+        self.summary: dict[str, Any] = dict(attrs.get("summary", {}))
+        idx = {k: group[f"index/{k}"][:] for k in
+               ("id", "split", "source_path", "status", "reason", "height", "width")}
+        self.index = pd.DataFrame({k: np.asarray(v) for k, v in idx.items()})
+        self.index["id"] = self.index["id"].astype(str)
+        self.class_pixels: np.ndarray = group["index/class_pixels"][:]
+        ok = self.index["status"].to_numpy() == INGESTED
+        self._rows = np.flatnonzero(ok)
+        self.ids: list[str] = self.index["id"].to_numpy()[ok].tolist()
+        self._row_of = {i: int(r) for i, r in zip(self.ids, self._rows, strict=True)}
+        self._cache = _ShardCache(cache_bytes)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.name!r}, version={self.version!r}, images={len(self)}, "
+                f"classes={len(self.classes) - 1}, size={self.size})")
+
+    @property
+    def quarantine(self) -> pd.DataFrame:
+        """Items that were listed but not ingested, with their source path and reason."""
+        q = self.index[self.index["status"] == QUARANTINED]
+        return q[["id", "split", "source_path", "reason"]].reset_index(drop=True)
+
+    def split_ids(self, split: str) -> list[str]:
+        rows = self.index.iloc[self._rows]
+        return rows.loc[rows["split"] == split, "id"].tolist()
+
+    def row(self, image_id: str) -> int:
+        try:
+            return self._row_of[str(image_id)]
+        except KeyError:
+            raise KeyError(f"{image_id!r} is not an ingested image of {self.name}") from None
+
+    def pixels(self, image_id: str) -> np.ndarray:
+        """Per-class pixel counts at original resolution."""
+        return self.class_pixels[self.row(image_id)]
+
+    def _read(self, key: str, image_id: str) -> np.ndarray:
+        row = self.row(image_id)
+        shard, offset = divmod(row, self.shard_size)
+        arr = self.group[key]
+        start = shard * self.shard_size
+        stop = min(start + self.shard_size, arr.shape[0])
+        block = self._cache.get((key, shard), lambda: arr[start:stop])
+        return block[offset]
+
+    def image(self, image_id: str) -> np.ndarray:
+        return self._read("images", image_id).copy()
+
+    def mask(self, image_id: str) -> np.ndarray:
+        return self._read("masks", image_id).copy()
+
+    def original_mask(self, image_id: str) -> np.ndarray:
+        row = self.row(image_id)
+        h, w = int(self.index.at[row, "height"]), int(self.index.at[row, "width"])
+        return self._read("original_masks", image_id)[:h, :w].copy()
+
+
+def open_dataset(store_url: str, name: str, version: str | None = None, *,
+                 cache_bytes: int = 1 << 30, storage_options: dict | None = None) -> Dataset:
+    """Open a dataset (its latest complete version unless one is named)."""
+    root = _root(store_url, mode="r", storage_options=storage_options)
+    path = f"{DATASETS}/{validate_name(name)}"
+    if path not in root:
+        known = ", ".join(list_datasets(store_url)) or "none"
+        raise StoreError(f"no dataset {name!r} in {store_url} (datasets: {known})")
+    if version is None:
+        version = root[path].attrs.get("latest")
+        if version is None:
+            raise StoreError(f"dataset {name!r} has no completed version yet: rerun its ingest")
+    if f"{path}/{version}" not in root:
+        raise StoreError(f"dataset {name!r} has no version {version!r}")
+    return Dataset(root[f"{path}/{version}"], cache_bytes)
+
+
+def list_datasets(store_url: str) -> list[str]:
+    root = _root(store_url, mode="r")
+    if DATASETS not in root:
+        return []
+    return sorted(k for k, _ in root[DATASETS].groups())
+
+
+def _nbytes(root: zarr.Group, prefix: str) -> int:
+    return int(zarr.core.sync.sync(root.store.getsize_prefix(prefix)))
+
+
+def inspect_store(store_url: str) -> dict[str, Any]:
+    """A json-able description of every dataset version in the store."""
+    root = _root(store_url, mode="r")
+    out: dict[str, Any] = {"store": store_url, "datasets": {}}
+    for name in list_datasets(store_url):
+        parent = root[f"{DATASETS}/{name}"]
+        versions = {}
+        for version, g in sorted(parent.groups()):
+            a = g.attrs
+            status = g["index/status"][:]
+            split = g["index/split"][:]
+            reason = g["index/reason"][:]
+            paths = g["index/source_path"][:]
+            q = np.flatnonzero(status == QUARANTINED)
+            versions[version] = {
+                "latest": parent.attrs.get("latest") == version,
+                "params": a.get("params", {}),
+                "size": a.get("size"),
+                "classes": a.get("classes", []),
+                "listed": int(status.size),
+                "ingested": int((status == INGESTED).sum()),
+                "quarantined": int(q.size),
+                "pending": int((status == PENDING).sum()),
+                "splits": {str(s): int(((split == s) & (status == INGESTED)).sum())
+                           for s in np.unique(split)},
+                "quarantine": [{"path": str(paths[i]), "reason": str(reason[i])} for i in q],
+                "bytes": {k: _nbytes(root, f"{DATASETS}/{name}/{version}/{k}")
+                          for k in ("images", "masks", "original_masks", "index")},
+            }
+        out["datasets"][name] = versions
+    return out

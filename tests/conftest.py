@@ -1,0 +1,40 @@
+"""Shared fixtures: a small synthetic benchmark and one real Prefect server per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+COCO_TINY = Path(os.environ.get(
+    "FSS_COCO_TINY", Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-tiny"))
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 train + 16 val synthetic images at 96 px, in VOC and COCO layouts."""
+    from tasks.synth import synthesize
+
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(root, n_train=40, n_val=16, size=96, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """`prefect server start` on 127.0.0.1 with its own SQLite DB; stopped after the session."""
+    from flows.runtime import _drain_prefect_workers, start_server, stop_process
+
+    os.environ["FSS_HOME"] = str(tmp_path_factory.mktemp("fss-home"))
+    proc, url = start_server(ui=False)
+    yield url
+    _drain_prefect_workers()
+    stop_process(proc)
+
+
+@pytest.fixture
+def prefect_api_url(prefect_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server)
+    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "WARNING")
+    return prefect_server
