@@ -1,0 +1,167 @@
+"""`fss`: the command line. Each command runs a flow (or a plain read) and says what it did."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STORE = "data/store.zarr"
+
+
+def _splits(text: str) -> list[str]:
+    return [s for s in (p.strip() for p in text.split(",")) if s]
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from tasks.synth import synthesize
+
+    t0 = time.perf_counter()
+    summary = synthesize(args.out, n_train=args.train, n_val=args.val, size=args.size,
+                         seed=args.seed, progress=True)
+    counts = summary.get("counts", {})
+    print(f"synthetic benchmark in {args.out} ({time.perf_counter() - t0:.1f} s): "
+          + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"  VOC layout:  {Path(args.out) / 'voc'}\n  COCO layout: {Path(args.out) / 'coco'}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from flows.ingest import run_ingest
+    from flows.runtime import prefect_api
+
+    t0 = time.perf_counter()
+    with prefect_api():
+        summary = run_ingest(
+            workers=args.workers, dask_address=args.dask_address, source=args.source,
+            root=str(Path(args.root).resolve()), store_url=args.store, name=args.name,
+            splits=_splits(args.split), size=args.size, shard_size=args.shard_size,
+            classes_file=args.classes, list_file=args.list)
+    print_ingest_summary(summary, time.perf_counter() - t0)
+    return 0 if summary["complete"] else 1
+
+
+def print_ingest_summary(summary: dict[str, Any], seconds: float) -> None:
+    s = summary
+    print(f"ingested {s['name']} ({s['version']}) in {seconds:.1f} s: "
+          f"{s['shards_written']} shards written, {s['shards_skipped']} already complete")
+    print(f"  ingested {s['ingested']} + quarantined {s['quarantined']} = "
+          f"{s['ingested'] + s['quarantined']} of {s['listed']} listed"
+          + ("" if s["complete"] else f" ({s['pending']} pending: rerun to resume)"))
+    if s["quarantined"]:
+        print("  see the quarantine with: fss store inspect STORE")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from tasks.store import inspect_store
+
+    info = inspect_store(args.store)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    if not info["datasets"]:
+        print(f"{args.store}: no datasets")
+    for name, versions in info["datasets"].items():
+        for version, v in versions.items():
+            mark = " (latest)" if v["latest"] else ""
+            mib = sum(v["bytes"].values()) / 2**20
+            print(f"{name} {version}{mark}: {v['ingested']} ingested + {v['quarantined']} "
+                  f"quarantined of {v['listed']} listed, {v['pending']} pending; "
+                  f"{v['size']} px; {mib:.1f} MiB")
+            print("  splits: " + ", ".join(f"{k} {n}" for k, n in v["splits"].items()))
+            print(f"  classes ({len(v['classes']) - 1}): " + ", ".join(v["classes"][1:]))
+            print("  bytes: " + ", ".join(f"{k} {b / 2**20:.1f} MiB"
+                                          for k, b in v["bytes"].items()))
+            for q in v["quarantine"]:
+                print(f"  quarantined {q['path']}: {q['reason']}")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from flows import runtime
+
+    if args.action == "start":
+        print(f"Prefect server at {runtime.start_persistent_server(port=args.port)}")
+    elif args.action == "stop":
+        print("stopped" if runtime.stop_persistent_server() else "no server recorded")
+    else:
+        url = runtime.recorded_server()
+        print(f"running at {url}" if url else "not running")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.demo import run_demo
+
+    return run_demo(workdir=Path(args.workdir), quick=args.quick, workers=args.workers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fss", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
+    s = data.add_parser("synth", help="write the synthetic benchmark in VOC and COCO formats")
+    s.add_argument("--out", default="data/synth", help="output folder (default: %(default)s)")
+    s.add_argument("--train", type=int, default=600, help="training images")
+    s.add_argument("--val", type=int, default=200, help="validation images")
+    s.add_argument("--size", type=int, default=144, help="image side in pixels")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    i = sub.add_parser("ingest", help="ingest a VOC- or COCO-format dataset into the store")
+    i.add_argument("--source", choices=["voc", "coco"], required=True)
+    i.add_argument("--root", required=True, help="dataset root folder")
+    i.add_argument("--split", default="train,val", help="comma-separated splits")
+    i.add_argument("--store", default=DEFAULT_STORE, help="Zarr store path or fsspec URL")
+    i.add_argument("--name", required=True, help="dataset name inside the store")
+    i.add_argument("--size", type=int, default=144, help="canonical image side")
+    i.add_argument("--shard-size", type=int, default=64, help="images per shard and per task")
+    i.add_argument("--classes", help="class list file (one name per line, line 0 background)")
+    i.add_argument("--list", help="VOC list file overriding ImageSets/Segmentation/<split>.txt")
+    g = i.add_mutually_exclusive_group()
+    g.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
+    g.add_argument("--dask-address", help="existing Dask scheduler (or env FSS_DASK_ADDRESS)")
+    i.set_defaults(func=cmd_ingest)
+
+    st = sub.add_parser("store", help="the Zarr store").add_subparsers(dest="action",
+                                                                         required=True)
+    ins = st.add_parser("inspect", help="datasets, counts, classes, quarantine and sizes")
+    ins.add_argument("store", nargs="?", default=DEFAULT_STORE)
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=cmd_inspect)
+
+    sv = sub.add_parser("server", help="a persistent local Prefect server (127.0.0.1)")
+    sv.add_argument("action", choices=["start", "stop", "status"])
+    sv.add_argument("--port", type=int, default=4200)
+    sv.set_defaults(func=cmd_server)
+
+    d = sub.add_parser("demo", help="the end-to-end demo on the synthetic benchmark")
+    d.add_argument("--workdir", default="demo", help="where data, store and runs go")
+    d.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
+    d.add_argument("--workers", type=int, default=2)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # keep the terminal for progress
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    from tasks.readers import DatasetError
+    from tasks.store import StoreError
+
+    try:
+        return args.func(args)
+    except (DatasetError, StoreError, ValueError, FileNotFoundError) as exc:
+        print(f"fss: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The ingest flow for real: a Prefect server on 127.0.0.1 and a 2-worker Dask LocalCluster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.cli import main
+from flows.ingest import run_ingest
+from flows.runtime import prefect_api
+from tasks import store
+from tasks.readers import make_reader
+
+pytestmark = pytest.mark.slow
+
+
+def test_flow_on_local_cluster_then_rerun_is_noop(
+        synth_root: Path, tmp_path: Path, prefect_api_url: str, capsys) -> None:
+    url = str(tmp_path / "store.zarr")
+    params = dict(source="coco", root=str(synth_root / "coco"), store_url=url, name="synth",
+                  splits=["train", "val"], size=64, shard_size=16, progress=False)
+    with prefect_api() as api:
+        assert api == prefect_api_url
+        first = run_ingest(workers=2, **params)
+        second = run_ingest(workers=2, **params)
+    assert first["complete"] and first["shards_written"] == first["shards"] == 4
+    assert first["ingested"] + first["quarantined"] == first["listed"] == 56
+    assert second["shards_written"] == 0 and second["shards_skipped"] == 4
+    assert second["version"] == first["version"]
+
+    ds = store.open_dataset(url, "synth")
+    reader = make_reader("coco", synth_root / "coco", "val")
+    item = reader.list_items()[3]
+    _, label = reader.load(item)
+    np.testing.assert_array_equal(ds.original_mask(item.id), label)
+
+    assert main(["store", "inspect", url, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["datasets"]["synth"][first["version"]]
+    assert info["ingested"] == 56 and info["splits"] == {"train": 40, "val": 16}
+
+
+def test_cli_reports_counts_and_wrong_root(
+        synth_root: Path, tmp_path: Path, prefect_api_url: str, capsys) -> None:
+    url = str(tmp_path / "store.zarr")
+    code = main(["ingest", "--source", "voc", "--root", str(synth_root / "voc"),
+                 "--split", "val", "--store", url, "--name", "v", "--size", "48",
+                 "--workers", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "ingested 16 + quarantined 0 = 16 of 16 listed" in out
+    code = main(["ingest", "--source", "voc", "--root", str(tmp_path / "missing"),
+                 "--store", url, "--name", "v"])
+    assert code == 2
+    assert "missing" in capsys.readouterr().err
