@@ -38,3 +38,15 @@ def prefect_api_url(prefect_server: str, monkeypatch: pytest.MonkeyPatch) -> str
     monkeypatch.setenv("PREFECT_API_URL", prefect_server)
     monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "WARNING")
     return prefect_server
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The test tensors are tiny: one thread is faster, and far faster on a shared 2-core box,
+    where OpenMP threads spin-wait for busy cores (an overfit test went from ~2 s to ~45 s)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
