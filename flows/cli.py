@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -24,9 +23,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     summary = synthesize(args.out, n_train=args.train, n_val=args.val, size=args.size,
                          seed=args.seed, progress=True)
-    counts = summary.get("counts", {})
+    counts = summary["counts"]
     print(f"synthetic benchmark in {args.out} ({time.perf_counter() - t0:.1f} s): "
-          + ", ".join(f"{k} {v}" for k, v in counts.items()))
+          f"images {counts['images']}, instances {counts['instances']}, "
+          f"images with 2+ classes {counts['images_with_2plus_classes']}")
     print(f"  VOC layout:  {Path(args.out) / 'voc'}\n  COCO layout: {Path(args.out) / 'coco'}")
     return 0
 
@@ -79,6 +79,58 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                                           for k, b in v["bytes"].items()))
             for q in v["quarantine"]:
                 print(f"  quarantined {q['path']}: {q['reason']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from flows.runtime import prefect_api
+    from flows.train import train_flow
+    from tasks.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    with prefect_api():
+        result = train_flow(cfg.to_dict())
+    print_point(result)
+    return 0
+
+
+def print_point(result: dict[str, Any]) -> None:
+    state = "already done, read back" if result.get("skipped") else "trained"
+    print(f"{result['run_name']} ({state}); MLflow run {result['run_id']}")
+    print(f"  best validation mIoU (base classes) {result['val_miou']:.3f} "
+          f"at step {result['best_step']}")
+    for key, value in result.items():
+        if key.startswith("test") and key.endswith("miou"):
+            fb = result[key.replace("miou", "fbiou")]
+            print(f"  {key:<24} {100 * value:6.2f}   FB-IoU {100 * fb:6.2f}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tasks.config import apply_overrides, from_dict, load_config
+    from tasks.experiment import write_eval_artifacts
+    from tasks.store import open_dataset
+    from tasks.training import build_model, evaluate_fold, load_state
+
+    ckpt = Path(args.run) / "checkpoints" / "best.pt" if args.run else Path(args.checkpoint)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"no checkpoint at {ckpt}")
+    state = load_state(ckpt)
+    if args.config:
+        cfg = load_config(args.config, args.set)
+    else:  # the checkpoint carries the config it was trained with
+        cfg = from_dict(apply_overrides(state["config"], args.set))
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    classes = open_dataset(cfg.store, cfg.dataset).classes
+    out = Path(args.out)
+    for r in evaluate_fold(cfg, model, keep_samples=8):
+        tag = f"{r.ways}w{r.shots}s"
+        write_eval_artifacts(out / tag, r, classes)
+        print(f"{tag}: mIoU {100 * r.miou:.2f}  FB-IoU {100 * r.fbiou:.2f}  "
+              f"({r.episodes} episodes, {r.seconds:.1f} s)")
+        for name, iou in r.per_class.items():
+            print(f"    {name:<24} {100 * iou:6.2f}")
+    print(f"per-class tables and overlays in {out}")
     return 0
 
 
@@ -136,6 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=cmd_inspect)
 
+    t = sub.add_parser("train", help="train and evaluate one config (tracked in MLflow)")
+    t.add_argument("--config", help="a study's YAML under configs/")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable; dotted keys for model_args)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a trained run or checkpoint on its test fold")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a run folder (runs/<name>)")
+    src.add_argument("--checkpoint", help="a checkpoint file")
+    e.add_argument("--config", help="evaluate with this config instead of the checkpoint's")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override, e.g. test_episodes=1000 scoring=hsnet test_shots=[5]")
+    e.add_argument("--out", default="eval", help="folder for tables and overlays")
+    e.set_defaults(func=cmd_evaluate)
+
     sv = sub.add_parser("server", help="a persistent local Prefect server (127.0.0.1)")
     sv.add_argument("action", choices=["start", "stop", "status"])
     sv.add_argument("--port", type=int, default=4200)
@@ -151,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # keep the terminal for progress
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    # Keep the terminal for progress bars and results; workers inherit these settings.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     from tasks.readers import DatasetError
     from tasks.store import StoreError
 

@@ -1,0 +1,108 @@
+"""Experiment configs: YAML files under `configs/`, overridden with `--set key=value`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODELS = ("metasegnet", "panet", "umt")
+
+
+@dataclass
+class TrainConfig:
+    """One training run (a point of an ablation): model, data, episodes, optimisation."""
+
+    model: str = "metasegnet"
+    store: str = "data/store.zarr"
+    dataset: str = "synth"
+    fold: int = 0
+    n_folds: int = 4
+    fold_variant: str = "auto"
+    ways: int = 1
+    shots: int = 1
+    budget: float = 1.0  # fraction of training images whose masks may be used
+    budget_seed: int = 0  # fixes the nested labelled subsets (5 % ⊂ 10 % ⊂ ...)
+    min_pixels: int = 2 * 32 * 32  # region floor at original resolution
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    backbone: str = "small_resnet"
+    backbone_checkpoint: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+    checkpoint_every: int = 200
+    val_every: int = 200
+    val_episodes: int = 100
+    test_episodes: int = 1000
+    test_shots: list[int] = field(default_factory=lambda: [1, 5])
+    test_ways: list[int] | None = None  # default: the training ways
+    test_seed: int = 321
+    scoring: str = "pfenet"  # "pfenet": original-size labels; "hsnet": resized labels
+    device: str = "auto"
+    threads: int = 0  # torch threads on CPU; 0 = torch's default
+    experiment: str = "fss"
+    out_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, not {self.model!r}")
+        if not 0.0 <= self.budget <= 1.0:
+            raise ValueError(f"budget is a fraction in [0, 1], got {self.budget}")
+        if self.scoring not in ("pfenet", "hsnet"):
+            raise ValueError(f"scoring must be 'pfenet' or 'hsnet', not {self.scoring!r}")
+        if self.model == "umt" and self.ways != 1:
+            raise ValueError("the UMT Transformer is a 1-way model (ways: 1)")
+        for name in ("steps", "batch_size", "ways", "shots", "checkpoint_every", "val_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars: 0.2, true, null, [1, 5] and plain strings all work."""
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` (dotted keys reach into mappings such as `model_args.dim=64`)."""
+    out = dict(data)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node[p] = dict(node.get(p) or {})
+            node = node[p]
+        node[leaf] = _parse_value(value)
+    return out
+
+
+def from_dict(data: dict[str, Any]) -> TrainConfig:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+    return TrainConfig(**data)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a study's YAML (its `train:` section if it has one) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config is a YAML mapping")
+        data = dict(data.get("train", data))
+    return from_dict(apply_overrides(data, overrides or []))

@@ -1,0 +1,113 @@
+"""One experiment point: train, evaluate on the test fold, and track everything in MLflow.
+
+A point is identified by its config, the data version and the code; its run folder is named
+after them, so a rerun of a finished point is a no-op and a crashed one resumes from its last
+checkpoint (and continues the same MLflow run).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.config import TrainConfig
+from tasks.overlays import render_grid
+from tasks.store import open_dataset
+from tasks.tracking import Tracker, code_version
+from tasks.training import EvalResult, build_model, evaluate_fold, load_state, train, write_json
+
+RESULT = "result.json"
+
+
+def point_tags(cfg: TrainConfig) -> dict[str, str]:
+    return {"model": cfg.model, "budget": f"{cfg.budget:g}", "fold": str(cfg.fold),
+            "shots": str(cfg.shots), "ways": str(cfg.ways), "seed": str(cfg.seed)}
+
+
+def run_name(cfg: TrainConfig, data_version: str) -> str:
+    """Readable and unique: the point's tags plus a hash of everything that defines it."""
+    blob = json.dumps({"config": cfg.to_dict() | {"out_dir": None, "experiment": None},
+                       "data": data_version}, sort_keys=True)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
+    return (f"{cfg.model}-f{cfg.fold}-{cfg.ways}w{cfg.shots}s-b{cfg.budget:g}-s{cfg.seed}"
+            f"-{digest}")
+
+
+def metric_prefix(cfg: TrainConfig, result: EvalResult) -> str:
+    """`test/` for the point's own setting, `test/<w>w<s>s/` for the extra ones."""
+    if (result.ways, result.shots) == (cfg.ways, cfg.shots):
+        return "test"
+    return f"test/{result.ways}w{result.shots}s"
+
+
+def run_point(cfg: TrainConfig, *, parent_run_id: str | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Train and evaluate one point; returns its result (read back when already done)."""
+    ds = open_dataset(cfg.store, cfg.dataset)
+    name = run_name(cfg, f"{ds.name}/{ds.version}")
+    run_dir = Path(cfg.out_dir) / name
+    if (run_dir / RESULT).exists():
+        return json.loads((run_dir / RESULT).read_text()) | {"skipped": True}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state_file = run_dir / "mlflow_run.json"
+    run_id = json.loads(state_file.read_text())["run_id"] if state_file.exists() else None
+    tracker = Tracker(cfg.experiment, run_id=run_id, run_name=name,
+                      tags=point_tags(cfg), parent_run_id=parent_run_id)
+    write_json(state_file, {"run_id": tracker.run_id})
+    try:
+        tracker.log_params(_flat(cfg.to_dict()) | {
+            "data.name": ds.name, "data.version": ds.version,
+            "data.fingerprint": ds.fingerprint, "code.version": code_version()})
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": cfg.to_dict()}))
+        fit = train(cfg, run_dir, on_metrics=tracker.log_metrics, progress=progress)
+        model = build_model(cfg)
+        best = run_dir / "checkpoints" / "best.pt"
+        model.load_state_dict(load_state(best)["model"])
+        results = evaluate_fold(cfg, model, keep_samples=8, progress=progress)
+        summary: dict[str, Any] = {"run_id": tracker.run_id, "run_name": name,
+                                   "tags": point_tags(cfg), "best_step": fit.best_step,
+                                   "val_miou": fit.best_val_miou, "train_seconds": fit.seconds}
+        for r in results:
+            prefix = metric_prefix(cfg, r)
+            tracker.log_metrics(r.metrics(prefix), step=fit.steps)
+            summary[f"{prefix}/miou"], summary[f"{prefix}/fbiou"] = r.miou, r.fbiou
+            write_eval_artifacts(run_dir / "eval" / prefix.replace("/", "_"), r, ds.classes)
+        tracker.log_metrics({"best_step": fit.best_step, "train/seconds": fit.seconds})
+        tracker.log_artifact(run_dir / "config.yaml")
+        tracker.log_artifact(best, "checkpoints")
+        for folder in sorted((run_dir / "eval").iterdir()):
+            for f in sorted(folder.iterdir()):
+                tracker.log_artifact(f, f"eval/{folder.name}")
+        write_json(run_dir / RESULT, summary)
+        tracker.finish()
+        return summary
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+
+
+def write_eval_artifacts(folder: Path, r: EvalResult, class_names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "per_class_iou.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "iou"])
+        w.writerows([[k, f"{v:.4f}"] for k, v in r.per_class.items()])
+        w.writerows([["mIoU", f"{r.miou:.4f}"], ["FB-IoU", f"{r.fbiou:.4f}"]])
+    if r.samples:
+        render_grid([ep for ep, _ in r.samples], [p for _, p in r.samples],
+                    folder / "overlays.png", class_names=class_names)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,114 @@
+"""MLflow tracking: where runs go, and batched logging of params, metrics and artifacts.
+
+Default tracking URI: `sqlite:///mlflow.db` in the working folder (MLflow 3 refuses the file
+store), artifacts in `./mlartifacts`. `MLFLOW_TRACKING_URI` points everything at a server. The
+SQLite DB and the experiment are created once, before any fan-out: several processes migrating a
+fresh DB at once fail (`duplicate column name`, DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def ensure_experiment(name: str, uri: str | None = None) -> str:
+    """Create (once) and return the experiment id; fails fast when the backend is unreachable."""
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or tracking_uri()
+    client = MlflowClient(uri)
+    try:
+        exp = client.get_experiment_by_name(name)
+    except Exception as exc:  # noqa: BLE001 - any backend failure means: stop before training
+        raise RuntimeError(f"MLflow tracking at {uri} is unreachable: {exc}") from exc
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        location = Path(DEFAULT_ARTIFACTS).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def code_version() -> str:
+    """The git commit of the code (with `-dirty` for local changes), or the package version."""
+    try:
+        root = Path(__file__).resolve().parents[1]
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        from importlib.metadata import version
+
+        return version("fewshot-budget")
+
+
+class Tracker:
+    """One MLflow run. Metrics are buffered and sent with `log_batch` (one call per flush),
+    since logging them one by one over HTTP costs ~20 ms each."""
+
+    def __init__(self, experiment: str, *, run_id: str | None = None,
+                 run_name: str | None = None, tags: Mapping[str, str] | None = None,
+                 parent_run_id: str | None = None, flush_every: int = 200):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri()
+        self.client = MlflowClient(self.uri)
+        self.experiment_id = ensure_experiment(experiment, self.uri)
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+            run_id = run.info.run_id
+        self.run_id = run_id
+        self._metrics: list[Any] = []
+        self._flush_every = flush_every
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        fresh = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(fresh), 100):  # MLflow's batch limit for params
+            self.client.log_batch(self.run_id, params=fresh[i:i + 100])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._metrics += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if len(self._metrics) >= self._flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._metrics:
+            chunk, self._metrics = self._metrics[:1000], self._metrics[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.flush()
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status=status)

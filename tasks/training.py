@@ -1,0 +1,313 @@
+"""Episodic training and protocol evaluation of the few-shot models (plain functions).
+
+Training is seeded and, on CPU, bit-for-bit reproducible: episode i depends only on the
+sampler's seed and i, the global RNG state is checkpointed, so a resumed run ends with the same
+weights as an uninterrupted one. Checkpoints are selected on held-out *base*-class episodes of
+the validation split, never on the test fold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from models.backbones import build_backbone, load_checkpoint
+from models.metasegnet import MetaSegNet
+from models.panet import PANet
+from models.umt import UMTTransformer
+from tasks.config import TrainConfig
+from tasks.episodes import Episode, EpisodeSampler, batch_to_tensors, label_budget
+from tasks.folds import base_classes, fold_classes
+from tasks.metrics import SegmentationMeter, upsample_logits_to
+from tasks.store import Dataset, open_dataset
+
+MetricsHook = Callable[[dict[str, float], int], None]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    backbone = build_backbone(cfg.backbone)
+    if cfg.backbone_checkpoint:
+        load_checkpoint(backbone, cfg.backbone_checkpoint)
+    args = dict(cfg.model_args)
+    if cfg.model == "metasegnet":
+        return MetaSegNet(backbone=backbone, **args)
+    if cfg.model == "panet":
+        args.pop("align_weight", None)
+        return PANet(backbone=backbone, **args)
+    return UMTTransformer(backbone, **args)
+
+
+def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], ways: int) -> torch.Tensor:
+    """(B, ways + 1, H, W) logits of the query, whatever the model."""
+    if isinstance(model, UMTTransformer):
+        return model(batch["support_img"], batch["support_mask"], batch["query_img"])
+    return model(batch["support_img"], batch["support_mask"], batch["query_img"], n_ways=ways)
+
+
+def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], ways: int,
+                  cfg: TrainConfig) -> torch.Tensor:
+    target = batch["query_mask"]
+    if isinstance(model, UMTTransformer):
+        return model.loss(forward_logits(model, batch, ways), target)
+    if isinstance(model, PANet):
+        align_weight = float(cfg.model_args.get("align_weight", 1.0))
+        if align_weight > 0:
+            logits, align = model(batch["support_img"], batch["support_mask"],
+                                  batch["query_img"], n_ways=ways, return_align_loss=True)
+            return F.cross_entropy(logits, target, ignore_index=255) + align_weight * align
+    return F.cross_entropy(forward_logits(model, batch, ways), target, ignore_index=255)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    # Mixed precision on GPUs only; CPU runs stay in float32 so they are reproducible.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic write: a crash mid-save leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    miou: float
+    fbiou: float
+    per_class: dict[str, float]
+    episodes: int
+    ways: int
+    shots: int
+    seconds: float
+    samples: list[tuple[Episode, np.ndarray]] = field(default_factory=list)
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        out = {f"{prefix}/miou": self.miou, f"{prefix}/fbiou": self.fbiou}
+        out |= {f"{prefix}/iou/{name}": v for name, v in self.per_class.items()}
+        return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, sampler: EpisodeSampler, *, episodes: int,
+             class_names: Sequence[str], device: torch.device, scoring: str = "pfenet",
+             batch_size: int = 16, keep_samples: int = 0, progress: bool = False,
+             desc: str = "evaluate") -> EvalResult:
+    """Score `episodes` episodes of `sampler` by the protocol of DESIGN.md.
+
+    mIoU sums intersections and unions per class over all episodes before dividing; FB-IoU is
+    the mean of accumulated foreground and background IoU; 255 pixels are ignored. With
+    `scoring="pfenet"` logits are upsampled to each label's original size. The classes scored
+    are the sampler's usable ones (a class without enough eligible images has no episodes).
+    """
+    model.eval()
+    meter = SegmentationMeter(sampler.classes)
+    samples: list[tuple[Episode, np.ndarray]] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=episodes, desc=desc, unit="ep", disable=not progress, leave=False)
+    for start in range(0, episodes, batch_size):
+        batch_eps = [sampler.episode(i) for i in range(start, min(start + batch_size, episodes))]
+        batch = _to(batch_to_tensors(batch_eps), device)
+        with _autocast(device):
+            logits = forward_logits(model, batch, sampler.ways).float()
+        for k, ep in enumerate(batch_eps):
+            if scoring == "pfenet":
+                target = ep.query_original_mask
+                pred = upsample_logits_to(logits[k:k + 1], target.shape).argmax(1)[0]
+            else:
+                target, pred = ep.query_mask, logits[k].argmax(0)
+            pred = pred.cpu().numpy().astype(np.uint8)
+            meter.update(pred, target, ep.classes)
+            if len(samples) < keep_samples:
+                samples.append((ep, logits[k].argmax(0).cpu().numpy().astype(np.uint8)))
+        bar.update(len(batch_eps))
+    bar.close()
+    per_class = {class_names[c]: v for c, v in meter.per_class().items()}
+    return EvalResult(miou=meter.miou(), fbiou=meter.fbiou(), per_class=per_class,
+                      episodes=episodes, ways=sampler.ways, shots=sampler.shots,
+                      seconds=time.perf_counter() - t0, samples=samples)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    best_step: int
+    best_val_miou: float
+    history: list[tuple[int, float]]
+    seconds: float
+    resumed_from: int = 0
+
+
+def _episodes_for_step(sampler: EpisodeSampler, step: int, batch_size: int) -> list[Episode]:
+    return [sampler.episode(step * batch_size + b) for b in range(batch_size)]
+
+
+def make_samplers(cfg: TrainConfig, ds: Dataset) -> tuple[EpisodeSampler, EpisodeSampler]:
+    """Training episodes on the labelled budget's images, validation on held-out images;
+    both draw only base classes of the fold."""
+    n_classes = len(ds.classes) - 1
+    base = base_classes(n_classes, cfg.fold, cfg.n_folds, cfg.fold_variant)
+    labelled = label_budget(ds.split_ids("train"), cfg.budget, cfg.budget_seed)
+    if not labelled:
+        raise ValueError(f"budget {cfg.budget} leaves no labelled training image")
+    common = dict(classes=base, ways=cfg.ways, shots=cfg.shots, min_pixels=cfg.min_pixels)
+    train = EpisodeSampler(ds, split="train", image_ids=labelled, seed=cfg.seed, **common)
+    val = EpisodeSampler(ds, split="val", seed=cfg.seed + 10_000, **common)
+    return train, val
+
+
+def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = None,
+          progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train (or resume) a run in `run_dir`; returns when `cfg.steps` are done.
+
+    `stop_after` ends the process of training early after that many steps in this call (used
+    by tests to simulate a crash at a known point).
+    """
+    t0 = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    ds = open_dataset(cfg.store, cfg.dataset)
+    train_sampler, val_sampler = make_samplers(cfg, ds)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.steps))
+    last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    step, best_step, best_val, history = 0, 0, -1.0, []
+    if last_path.exists():
+        state = load_state(last_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        step, best_step, best_val = state["step"], state["best_step"], state["best_val"]
+        history = [tuple(h) for h in state["history"]]
+    resumed_from = step
+    emit = on_metrics or (lambda metrics, s: None)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", unit="step",
+               disable=not progress)
+    done_here = 0
+    while step < cfg.steps:
+        model.train()
+        batch = _to(batch_to_tensors(_episodes_for_step(train_sampler, step, cfg.batch_size)),
+                    device)
+        with _autocast(device):
+            loss = training_loss(model, batch, cfg.ways, cfg)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        done_here += 1
+        history.append((step, float(loss.item())))
+        emit({"train/loss": history[-1][1], "train/lr": sched.get_last_lr()[0]}, step)
+        bar.update()
+        bar.set_postfix(loss=f"{history[-1][1]:.3f}")
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            val = evaluate(model, val_sampler, episodes=cfg.val_episodes,
+                           class_names=ds.classes, device=device, scoring="hsnet")
+            emit({"val/miou": val.miou, "val/fbiou": val.fbiou}, step)
+            if val.miou > best_val:
+                best_val, best_step = val.miou, step
+                save_checkpoint(best_path, {"model": model.state_dict(), "step": step,
+                                            "config": cfg.to_dict()})
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(last_path, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "step": step,
+                "best_step": best_step, "best_val": best_val, "history": history,
+                "config": cfg.to_dict()})
+        if stop_after is not None and done_here >= stop_after:
+            break
+    bar.close()
+    return TrainResult(run_dir=run_dir, steps=step, best_step=best_step, best_val_miou=best_val,
+                       history=history, seconds=time.perf_counter() - t0,
+                       resumed_from=resumed_from)
+
+
+def _warmup_cosine(total: int, warmup_frac: float = 0.05) -> Callable[[int], float]:
+    warmup = max(1, int(total * warmup_frac))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return factor
+
+
+def eval_settings(cfg: TrainConfig) -> Iterator[tuple[int, int]]:
+    """(ways, shots) pairs scored on the test fold."""
+    for ways in cfg.test_ways or [cfg.ways]:
+        if cfg.model == "umt" and ways != 1:
+            continue
+        for shots in cfg.test_shots:
+            yield ways, shots
+
+
+def evaluate_fold(cfg: TrainConfig, model: nn.Module, *, keep_samples: int = 0,
+               progress: bool = True) -> list[EvalResult]:
+    """Evaluate on the fold's novel classes (validation split) for every test setting."""
+    device = pick_device(cfg.device)
+    model.to(device)
+    ds = open_dataset(cfg.store, cfg.dataset)
+    novel = fold_classes(len(ds.classes) - 1, cfg.fold, cfg.n_folds, cfg.fold_variant)
+    results = []
+    for ways, shots in eval_settings(cfg):
+        sampler = EpisodeSampler(ds, split="val", classes=novel, ways=ways, shots=shots,
+                                 min_pixels=cfg.min_pixels, seed=cfg.test_seed)
+        results.append(evaluate(model, sampler, episodes=cfg.test_episodes,
+                                class_names=ds.classes, device=device, scoring=cfg.scoring,
+                                keep_samples=keep_samples, progress=progress,
+                                desc=f"test {ways}-way {shots}-shot"))
+    return results
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

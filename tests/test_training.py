@@ -1,0 +1,112 @@
+"""Configs, exact resume of training, and a tracked point in a real (SQLite) MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks import ingest, store
+from tasks.config import TrainConfig, apply_overrides, load_config
+from tasks.readers import make_reader
+from tasks.training import build_model, load_state, train
+
+TINY = {"metasegnet": {"embed_dim": 16, "global_dim": 32, "local_dim": 16},
+        "panet": {},
+        "umt": {"dim": 32, "n_fg_protos": 4, "n_bg_protos": 6, "heads": 2,
+                "freeze_backbone": False}}
+
+
+@pytest.fixture(scope="module")
+def tiny_store(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = str(tmp_path_factory.mktemp("train-store") / "s.zarr")
+    readers = [make_reader("voc", synth_root / "voc", s) for s in ("train", "val")]
+    plan = ingest.plan_ingest(readers, "synth", size=64, shard_size=32)
+    store.create_dataset(url, plan.spec)
+    for k in range(plan.spec.n_shards):
+        ingest.ingest_shard(url, "synth", plan.spec.version, k, plan.shard_items(k),
+                            plan.readers, 64)
+    store.finalize_dataset(url, "synth", plan.spec.version)
+    return url
+
+
+def _cfg(url: str, tmp_path: Path, model: str = "metasegnet", **kw) -> TrainConfig:
+    base = dict(model=model, store=url, dataset="synth", fold=0, steps=4, batch_size=2,
+                checkpoint_every=2, val_every=2, val_episodes=4, test_episodes=6,
+                test_shots=[1], min_pixels=64, model_args=TINY[model], experiment="test",
+                out_dir=str(tmp_path / "runs"))
+    return TrainConfig(**(base | kw))
+
+
+def test_config_file_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text("train:\n  model: panet\n  steps: 50\n  model_args: {scale: 10}\n")
+    cfg = load_config(path, ["steps=7", "budget=0.2", "model_args.scale=5", "test_shots=[5]"])
+    assert (cfg.model, cfg.steps, cfg.budget, cfg.test_shots) == ("panet", 7, 0.2, [5])
+    assert cfg.model_args == {"scale": 5}
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_config(path, ["stepz=3"])
+    with pytest.raises(ValueError, match="budget"):
+        load_config(path, ["budget=1.5"])
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides({}, ["steps"])
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("model", ["metasegnet", "umt"])
+def test_resume_after_crash_gives_identical_weights(tiny_store: str, tmp_path: Path,
+                                                    model: str) -> None:
+    cfg = _cfg(tiny_store, tmp_path, model)
+    straight = train(cfg, tmp_path / "straight", progress=False)
+    crashed = train(cfg, tmp_path / "crashed", progress=False, stop_after=3)
+    assert crashed.steps == 3  # died after step 3; the last checkpoint is step 2
+    resumed = train(cfg, tmp_path / "crashed", progress=False)
+    assert resumed.resumed_from == 2 and resumed.steps == 4
+    a = load_state(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = load_state(tmp_path / "crashed" / "checkpoints" / "last.pt")
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    assert [h[1] for h in straight.history] == [h[1] for h in resumed.history]
+
+
+def test_point_is_tracked_in_mlflow_and_rerun_is_noop(
+        tiny_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from tasks.experiment import run_point
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(tiny_store, tmp_path, "panet", budget=0.5, test_shots=[1, 2])
+    result = run_point(cfg, progress=False)
+    client = MlflowClient(uri)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["model"] == "panet" and run.data.tags["budget"] == "0.5"
+    assert {"test/miou", "test/fbiou", "test/1w2s/miou", "train/loss", "val/miou"} <= set(
+        run.data.metrics)
+    assert any(k.startswith("test/iou/") for k in run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == cfg.steps
+    assert run.data.params["budget"] == "0.5" and run.data.params["data.version"].startswith("v-")
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "checkpoints", "eval"} <= artifacts
+    evals = {a.path for a in client.list_artifacts(run.info.run_id, "eval/test")}
+    assert {"eval/test/per_class_iou.csv", "eval/test/overlays.png"} <= evals
+    assert 0.0 <= result["test/miou"] <= 1.0
+
+    again = run_point(cfg, progress=False)
+    assert again["skipped"] and again["run_id"] == result["run_id"]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_checkpoint_config_rebuilds_the_model(tiny_store: str, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_store, tmp_path, "metasegnet", steps=2)
+    train(cfg, tmp_path / "r", progress=False)
+    state = load_state(tmp_path / "r" / "checkpoints" / "best.pt")
+    model = build_model(TrainConfig(**state["config"]))
+    model.load_state_dict(state["model"])  # strict: the saved config describes the weights
+    assert json.dumps(state["config"])  # plain data, loadable with weights_only=True
