@@ -111,16 +111,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from tasks.store import open_dataset
     from tasks.training import build_model, evaluate_fold, load_state
 
-    ckpt = Path(args.run) / "checkpoints" / "best.pt" if args.run else Path(args.checkpoint)
-    if not ckpt.exists():
-        raise FileNotFoundError(f"no checkpoint at {ckpt}")
-    state = load_state(ckpt)
-    if args.config:
+    if args.baseline:
+        from models.baselines import BASELINES
+
         cfg = load_config(args.config, args.set)
-    else:  # the checkpoint carries the config it was trained with
-        cfg = from_dict(apply_overrides(state["config"], args.set))
-    model = build_model(cfg)
-    model.load_state_dict(state["model"])
+        model = BASELINES[args.baseline]()
+    else:
+        ckpt = Path(args.run) / "checkpoints" / "best.pt" if args.run else Path(args.checkpoint)
+        if not ckpt.exists():
+            raise FileNotFoundError(f"no checkpoint at {ckpt}")
+        state = load_state(ckpt)
+        if args.config:
+            cfg = load_config(args.config, args.set)
+        else:  # the checkpoint carries the config it was trained with
+            cfg = from_dict(apply_overrides(state["config"], args.set))
+        model = build_model(cfg)
+        model.load_state_dict(state["model"])
     classes = open_dataset(cfg.store, cfg.dataset).classes
     out = Path(args.out)
     for r in evaluate_fold(cfg, model, keep_samples=8):
@@ -198,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a run folder (runs/<name>)")
     src.add_argument("--checkpoint", help="a checkpoint file")
+    src.add_argument("--baseline", choices=["all-foreground", "colour-histogram"],
+                     help="a trivial baseline (needs --config for the data and protocol)")
     e.add_argument("--config", help="evaluate with this config instead of the checkpoint's")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override, e.g. test_episodes=1000 scoring=hsnet test_shots=[5]")

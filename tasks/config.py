@@ -35,6 +35,7 @@ class TrainConfig:
     backbone: str = "small_resnet"
     backbone_checkpoint: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
+    cache_features: bool = False  # UMT, frozen backbone: compute backbone features once
     checkpoint_every: int = 200
     val_every: int = 200
     val_episodes: int = 100

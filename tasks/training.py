@@ -29,6 +29,7 @@ from models.metasegnet import MetaSegNet
 from models.panet import PANet
 from models.umt import UMTTransformer
 from tasks.config import TrainConfig
+from tasks.embeddings import to_input
 from tasks.episodes import Episode, EpisodeSampler, batch_to_tensors, label_budget
 from tasks.folds import base_classes, fold_classes
 from tasks.metrics import SegmentationMeter, upsample_logits_to
@@ -56,14 +57,50 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     return UMTTransformer(backbone, **args)
 
 
-def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], ways: int) -> torch.Tensor:
-    """(B, ways + 1, H, W) logits of the query, whatever the model."""
+class FrozenFeatureCache:
+    """Backbone taps of each image, computed once and kept in memory (float32).
+
+    A frozen backbone yields the same features at every step, so training and evaluation of
+    the UMT model can skip it. Features are kept in float32; they differ from the batched
+    uncached pass only by float rounding (~1e-7), so results match to that precision.
+    """
+
+    def __init__(self, model: UMTTransformer, ds: Dataset, device: torch.device):
+        if not model.freeze_backbone:
+            raise ValueError("cache_features needs a frozen backbone (model_args.freeze_backbone)")
+        self.model, self.ds, self.device = model, ds, device
+        self._feats: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _get(self, image_id: str) -> dict[str, torch.Tensor]:
+        if image_id not in self._feats:
+            img = to_input(self.ds.image(image_id)[None]).to(self.device)
+            with torch.no_grad():
+                self._feats[image_id] = {k: v[0] for k, v in self.model.extract(img).items()}
+        return self._feats[image_id]
+
+    def batch(self, episodes: Sequence[Episode]) -> dict[str, dict[str, torch.Tensor]]:
+        queries = [self._get(ep.query_id) for ep in episodes]
+        supports = [[self._get(i) for i in ep.support_ids] for ep in episodes]
+        return {
+            "query": {k: torch.stack([q[k] for q in queries]) for k in queries[0]},
+            "support": {k: torch.stack([torch.stack([f[k] for f in row]) for row in supports])
+                        for k in queries[0]},
+        }
+
+
+def forward_logits(model: nn.Module, batch: dict[str, Any], ways: int) -> torch.Tensor:
+    """(B, ways + 1, H, W) logits of the query, whatever the model.
+
+    `batch["features"]`, when present, holds cached frozen-backbone taps (UMT only).
+    """
     if isinstance(model, UMTTransformer):
+        if "features" in batch:
+            return model(None, batch["support_mask"], None, features=batch["features"])
         return model(batch["support_img"], batch["support_mask"], batch["query_img"])
     return model(batch["support_img"], batch["support_mask"], batch["query_img"], n_ways=ways)
 
 
-def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], ways: int,
+def training_loss(model: nn.Module, batch: dict[str, Any], ways: int,
                   cfg: TrainConfig) -> torch.Tensor:
     target = batch["query_mask"]
     if isinstance(model, UMTTransformer):
@@ -79,6 +116,14 @@ def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], ways: int,
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def make_batch(episodes: Sequence[Episode], device: torch.device,
+               cache: FrozenFeatureCache | None = None) -> dict[str, Any]:
+    batch: dict[str, Any] = _to(batch_to_tensors(episodes), device)
+    if cache is not None:
+        batch["features"] = cache.batch(episodes)
+    return batch
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -127,7 +172,7 @@ class EvalResult:
 def evaluate(model: nn.Module, sampler: EpisodeSampler, *, episodes: int,
              class_names: Sequence[str], device: torch.device, scoring: str = "pfenet",
              batch_size: int = 16, keep_samples: int = 0, progress: bool = False,
-             desc: str = "evaluate") -> EvalResult:
+             desc: str = "evaluate", cache: FrozenFeatureCache | None = None) -> EvalResult:
     """Score `episodes` episodes of `sampler` by the protocol of DESIGN.md.
 
     mIoU sums intersections and unions per class over all episodes before dividing; FB-IoU is
@@ -142,7 +187,7 @@ def evaluate(model: nn.Module, sampler: EpisodeSampler, *, episodes: int,
     bar = tqdm(total=episodes, desc=desc, unit="ep", disable=not progress, leave=False)
     for start in range(0, episodes, batch_size):
         batch_eps = [sampler.episode(i) for i in range(start, min(start + batch_size, episodes))]
-        batch = _to(batch_to_tensors(batch_eps), device)
+        batch = make_batch(batch_eps, device, cache)
         with _autocast(device):
             logits = forward_logits(model, batch, sampler.ways).float()
         for k, ep in enumerate(batch_eps):
@@ -210,6 +255,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
     train_sampler, val_sampler = make_samplers(cfg, ds)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device)
+    cache = feature_cache(cfg, model, ds, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.steps))
@@ -230,8 +276,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
     done_here = 0
     while step < cfg.steps:
         model.train()
-        batch = _to(batch_to_tensors(_episodes_for_step(train_sampler, step, cfg.batch_size)),
-                    device)
+        batch = make_batch(_episodes_for_step(train_sampler, step, cfg.batch_size), device,
+                           cache)
         with _autocast(device):
             loss = training_loss(model, batch, cfg.ways, cfg)
         if not torch.isfinite(loss):
@@ -248,7 +294,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
         bar.set_postfix(loss=f"{history[-1][1]:.3f}")
         if step % cfg.val_every == 0 or step == cfg.steps:
             val = evaluate(model, val_sampler, episodes=cfg.val_episodes,
-                           class_names=ds.classes, device=device, scoring="hsnet")
+                           class_names=ds.classes, device=device, scoring="hsnet", cache=cache)
             emit({"val/miou": val.miou, "val/fbiou": val.fbiou}, step)
             if val.miou > best_val:
                 best_val, best_step = val.miou, step
@@ -266,6 +312,15 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
     return TrainResult(run_dir=run_dir, steps=step, best_step=best_step, best_val_miou=best_val,
                        history=history, seconds=time.perf_counter() - t0,
                        resumed_from=resumed_from)
+
+
+def feature_cache(cfg: TrainConfig, model: nn.Module, ds: Dataset,
+                  device: torch.device) -> FrozenFeatureCache | None:
+    if not cfg.cache_features:
+        return None
+    if not isinstance(model, UMTTransformer):
+        raise ValueError("cache_features applies to the UMT model's frozen backbone only")
+    return FrozenFeatureCache(model, ds, device)
 
 
 def _warmup_cosine(total: int, warmup_frac: float = 0.05) -> Callable[[int], float]:
@@ -295,6 +350,7 @@ def evaluate_fold(cfg: TrainConfig, model: nn.Module, *, keep_samples: int = 0,
     model.to(device)
     ds = open_dataset(cfg.store, cfg.dataset)
     novel = fold_classes(len(ds.classes) - 1, cfg.fold, cfg.n_folds, cfg.fold_variant)
+    cache = feature_cache(cfg, model, ds, device)
     results = []
     for ways, shots in eval_settings(cfg):
         sampler = EpisodeSampler(ds, split="val", classes=novel, ways=ways, shots=shots,
@@ -302,7 +358,7 @@ def evaluate_fold(cfg: TrainConfig, model: nn.Module, *, keep_samples: int = 0,
         results.append(evaluate(model, sampler, episodes=cfg.test_episodes,
                                 class_names=ds.classes, device=device, scoring=cfg.scoring,
                                 keep_samples=keep_samples, progress=progress,
-                                desc=f"test {ways}-way {shots}-shot"))
+                                desc=f"test {ways}-way {shots}-shot", cache=cache))
     return results
 
 

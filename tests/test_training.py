@@ -110,3 +110,17 @@ def test_checkpoint_config_rebuilds_the_model(tiny_store: str, tmp_path: Path) -
     model = build_model(TrainConfig(**state["config"]))
     model.load_state_dict(state["model"])  # strict: the saved config describes the weights
     assert json.dumps(state["config"])  # plain data, loadable with weights_only=True
+
+
+def test_cached_frozen_features_train_identically(tiny_store: str, tmp_path: Path) -> None:
+    frozen = TINY["umt"] | {"freeze_backbone": True}
+    plain = _cfg(tiny_store, tmp_path, "umt", model_args=frozen)
+    cached = _cfg(tiny_store, tmp_path, "umt", model_args=frozen, cache_features=True)
+    a = train(plain, tmp_path / "plain", progress=False)
+    b = train(cached, tmp_path / "cached", progress=False)
+    # Per-image backbone passes differ from batched ones only by float rounding (~1e-7).
+    assert [h[1] for h in b.history] == pytest.approx([h[1] for h in a.history], rel=1e-4)
+    assert b.best_val_miou == pytest.approx(a.best_val_miou, abs=1e-3)
+    with pytest.raises(ValueError, match="frozen backbone"):
+        train(_cfg(tiny_store, tmp_path, "umt", cache_features=True), tmp_path / "x",
+              progress=False)
