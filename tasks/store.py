@@ -13,6 +13,16 @@ Layout (Zarr v3, a local folder or any fsspec URL)::
         index/height, index/width (N,) int32  original size
         index/class_pixels (N, C) int64       pixels of each class at original resolution
         shard_done        (n_shards,) uint8   1 once every array of the shard is written
+        derived/<kind>-<hash>/                attrs: kind, params, fields, complete, summary
+            <field>       (N, ...)             per-image outputs of a later stage, row-aligned
+            extra/<name>  any shape            small whole arrays (e.g. cluster centres)
+            shard_done    (n_shards,) uint8
+
+Derived arrays (features, pseudo masks, ...) follow the same rules as the dataset's own arrays:
+rows aligned with the dataset (quarantined rows keep the fill value), chunks of one row, shards
+of ``shard_size`` rows, one writer per shard, ``shard_done`` written last. Their key is the
+stage's kind plus a hash of its parameters (which name their inputs, e.g. the features key), so
+a changed parameter makes a new group and never overwrites an old one.
 
 Chunks hold one image; shards hold ``shard_size`` images and every per-row index array is
 chunked by the same rows, so exactly one writer owns each shard (partial-shard writes through
@@ -29,7 +39,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,9 +186,12 @@ def create_dataset(store_url: str, spec: DatasetSpec) -> bool:
     return True
 
 
-def done_shards(store_url: str, name: str, version: str) -> set[int]:
-    """Indices of shards whose arrays are completely written."""
-    flags = _root(store_url, mode="r")[_version_path(name, version)]["shard_done"][:]
+def done_shards(store_url: str, name: str, version: str, derived: str | None = None) -> set[int]:
+    """Indices of completely written shards of a dataset version, or of one derived group."""
+    path = _version_path(name, version)
+    if derived is not None:
+        path = _derived_path(name, version, derived)
+    flags = _root(store_url, mode="r")[path]["shard_done"][:]
     return {int(i) for i in np.flatnonzero(flags)}
 
 
@@ -262,7 +275,7 @@ class _ShardCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, int], load: Any) -> np.ndarray:
+    def get(self, key: tuple[str, int], load: Callable[[], np.ndarray]) -> np.ndarray:
         with self._lock:
             block = self._blocks.get(key)
             if block is not None:
@@ -304,6 +317,8 @@ class Dataset:
         self.ids: list[str] = self.index["id"].to_numpy()[ok].tolist()
         self._row_of = {i: int(r) for i, r in zip(self.ids, self._rows, strict=True)}
         self._cache = _ShardCache(cache_bytes)
+        self._arrays: dict[str, Any] = {}
+        self._sizes = self.index[["height", "width"]].to_numpy()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -333,13 +348,16 @@ class Dataset:
         return self.class_pixels[self.row(image_id)]
 
     def _read(self, key: str, image_id: str) -> np.ndarray:
-        row = self.row(image_id)
-        shard, offset = divmod(row, self.shard_size)
-        arr = self.group[key]
+        shard, offset = divmod(self.row(image_id), self.shard_size)
+        return self._cache.get((key, shard), lambda: self._read_shard(key, shard))[offset]
+
+    def _read_shard(self, key: str, shard: int) -> np.ndarray:
+        # Opening an array reads its metadata (~3 ms): do it once per array, and only on a miss.
+        if key not in self._arrays:
+            self._arrays[key] = self.group[key]
+        arr = self._arrays[key]
         start = shard * self.shard_size
-        stop = min(start + self.shard_size, arr.shape[0])
-        block = self._cache.get((key, shard), lambda: arr[start:stop])
-        return block[offset]
+        return arr[start:min(start + self.shard_size, arr.shape[0])]
 
     def image(self, image_id: str) -> np.ndarray:
         return self._read("images", image_id).copy()
@@ -348,8 +366,7 @@ class Dataset:
         return self._read("masks", image_id).copy()
 
     def original_mask(self, image_id: str) -> np.ndarray:
-        row = self.row(image_id)
-        h, w = int(self.index.at[row, "height"]), int(self.index.at[row, "width"])
+        h, w = self._sizes[self.row(image_id)]
         return self._read("original_masks", image_id)[:h, :w].copy()
 
 
@@ -412,3 +429,278 @@ def inspect_store(store_url: str) -> dict[str, Any]:
             }
         out["datasets"][name] = versions
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard-level reads of a dataset version, for stages that must not touch more than they need
+# (features and clustering read images and the index only, never a label array).
+
+_ROW_ARRAYS = ("images", "masks", "original_masks")
+_INDEX_COLUMNS = ("id", "split", "status", "height", "width")
+
+
+def resolve_version(store_url: str, name: str, version: str | None = None) -> str:
+    """The named version, checked to exist, or the dataset's latest complete one."""
+    root = _root(store_url, mode="r")
+    path = f"{DATASETS}/{validate_name(name)}"
+    if path not in root:
+        raise StoreError(f"no dataset {name!r} in {store_url}")
+    version = version or root[path].attrs.get("latest")
+    if version is None:
+        raise StoreError(f"dataset {name!r} has no completed version yet: rerun its ingest")
+    if f"{path}/{version}" not in root:
+        raise StoreError(f"dataset {name!r} has no version {version!r}")
+    return version
+
+
+def dataset_attrs(store_url: str, name: str, version: str) -> dict[str, Any]:
+    """A dataset version's attributes: size, shard_size, classes, params, ..."""
+    return dict(_root(store_url, mode="r")[_version_path(name, version)].attrs)
+
+
+def read_index(store_url: str, name: str, version: str, shard: int | None = None) -> pd.DataFrame:
+    """Id, split, status and original size of every listed row, or of one shard's rows.
+
+    Row-aligned (index = row number); per-class label counts are deliberately not included.
+    """
+    g = _root(store_url, mode="r")[_version_path(name, version)]
+    rows = slice(None)
+    if shard is not None:
+        size = int(g.attrs["shard_size"])
+        rows = slice(shard * size, (shard + 1) * size)
+    df = pd.DataFrame({k: np.asarray(g[f"index/{k}"][rows]) for k in _INDEX_COLUMNS})
+    df["id"] = df["id"].astype(str)
+    df.index = np.arange(df.shape[0]) + (rows.start or 0)
+    return df
+
+
+def read_dataset_shard(store_url: str, name: str, version: str, array: str,
+                       shard: int) -> np.ndarray:
+    """All rows of one shard of ``images``, ``masks`` or ``original_masks`` (one whole read)."""
+    if array not in _ROW_ARRAYS:
+        raise ValueError(f"unknown dataset array {array!r}; known: {_ROW_ARRAYS}")
+    g = _root(store_url, mode="r")[_version_path(name, version)]
+    rows = int(g.attrs["shard_size"])
+    return g[array][shard * rows:(shard + 1) * rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived arrays: per-image outputs of later stages, stored under the dataset version.
+
+DERIVED = "derived"
+_KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_KEY = re.compile(r"^([a-z][a-z0-9_]{0,31})-([0-9a-f]{12})$")
+
+
+@dataclass(frozen=True)
+class DerivedField:
+    """One row-aligned array of a derived group: ``(N, *shape)`` of ``dtype``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    fill: int | float = 0
+    compress: bool = False  # zstd pays off for label-like arrays, not for float features
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+                "fill": self.fill, "compress": self.compress}
+
+
+def _check_kind(kind: str, what: str = "derived kind") -> str:
+    if not _KIND.match(kind):
+        raise ValueError(f"invalid {what} {kind!r}: lowercase letters, digits and '_', "
+                         "starting with a letter, at most 32 characters")
+    return kind
+
+
+def derived_key(kind: str, params: dict[str, Any]) -> str:
+    """``<kind>-<hash of params>``: the same stage with the same inputs gets the same key."""
+    blob = json.dumps({"layout": LAYOUT_VERSION, "kind": _check_kind(kind), "params": params},
+                      sort_keys=True)
+    return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def _derived_path(name: str, version: str, key: str) -> str:
+    if not _KEY.match(key):
+        raise ValueError(f"invalid derived key {key!r}: expected <kind>-<12 hex digits>")
+    return f"{_version_path(name, version)}/{DERIVED}/{key}"
+
+
+def create_derived(store_url: str, name: str, version: str, kind: str, params: dict[str, Any],
+                   fields: Sequence[DerivedField], *, extra: dict[str, np.ndarray] | None = None,
+                   attrs: dict[str, Any] | None = None) -> tuple[str, bool]:
+    """Create a derived group row-aligned with the dataset; a no-op when it already exists.
+
+    ``extra`` holds small whole arrays written now (e.g. cluster centres); ``attrs`` more
+    json-able attributes. Returns the key and whether the group was created now. Only the
+    orchestrating process calls this, before any shard writer starts.
+    """
+    key = derived_key(kind, params)
+    root = _root(store_url)
+    ds = root[_version_path(name, version)]
+    path = _derived_path(name, version, key)
+    if path in root and root[path].attrs.get("created"):
+        if root[path].attrs["params"] != json.loads(json.dumps(params)):
+            raise StoreError(f"derived group {key} exists with other parameters")
+        return key, False
+    if not fields:
+        raise ValueError("a derived group needs at least one field")
+    n, rows = ds["index/id"].shape[0], int(ds.attrs["shard_size"])
+    n_shards = len(shard_bounds(n, rows))
+    g = root.require_group(path)
+    for f in fields:
+        _check_kind(f.name, "field name")
+        codec = _MASK_CODEC if f.compress else None
+        g.create_array(f.name, shape=(n, *f.shape), dtype=f.dtype, chunks=(1, *f.shape),
+                       shards=(rows, *f.shape), fill_value=f.fill, compressors=codec,
+                       overwrite=True)
+    for k, value in (extra or {}).items():
+        _check_kind(k, "extra array name")
+        value = np.asarray(value)
+        g.create_array(f"extra/{k}", shape=value.shape, dtype=value.dtype,
+                       chunks=value.shape or None, overwrite=True)[...] = value
+    g.create_array("shard_done", shape=(n_shards,), dtype="uint8", chunks=(1,), fill_value=0,
+                   overwrite=True)
+    g.attrs.update({
+        **(attrs or {}),
+        "layout": LAYOUT_VERSION,
+        "kind": kind,
+        "key": key,
+        "dataset": {"name": name, "version": version},
+        "params": params,
+        "fields": [f.to_dict() for f in fields],
+        "primary": fields[0].name,
+        "shard_size": rows,
+        "n_rows": n,
+        "complete": False,
+        "created": True,  # last: a crash before this recreates the arrays on rerun
+    })
+    return key, True
+
+
+def write_derived_shard(store_url: str, name: str, version: str, key: str, shard: int,
+                        values: dict[str, np.ndarray]) -> None:
+    """Write every field of one shard, then mark it done. The caller owns the whole shard."""
+    g = _root(store_url)[_derived_path(name, version, key)]
+    fields = {f["name"]: f for f in g.attrs["fields"]}
+    if set(values) != set(fields):
+        raise StoreError(f"shard {shard} of {key} needs fields {sorted(fields)}, "
+                         f"got {sorted(values)}")
+    start, stop = shard_bounds(int(g.attrs["n_rows"]), int(g.attrs["shard_size"]))[shard]
+    arrays = {}
+    for field_name, f in fields.items():
+        value = np.asarray(values[field_name])
+        expected = (stop - start, *f["shape"])
+        if value.shape != expected:
+            raise StoreError(f"{key}/{field_name} shard {shard}: shape {value.shape}, "
+                             f"expected {expected}")
+        arrays[field_name] = value.astype(f["dtype"], copy=False)
+    # Whole-shard writes: each call covers exactly one shard, so no read-modify-write races.
+    for field_name, value in arrays.items():
+        g[field_name][start:stop] = value
+    g["shard_done"][shard] = 1
+
+
+def finalize_derived(store_url: str, name: str, version: str, key: str,
+                     attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Record the group's summary (and more attrs); ``complete`` once every shard is done."""
+    g = _root(store_url)[_derived_path(name, version, key)]
+    done = g["shard_done"][:]
+    summary = {"shards": int(done.size), "shards_done": int(done.sum())}
+    summary["complete"] = summary["shards_done"] == summary["shards"]
+    g.attrs.update({**(attrs or {}), "summary": summary, "complete": summary["complete"]})
+    return summary
+
+
+def derived_attrs(store_url: str, name: str, version: str, key: str) -> dict[str, Any]:
+    """A derived group's attributes: kind, params, fields, summary, and what its stage added."""
+    root = _root(store_url, mode="r")
+    path = _derived_path(name, version, key)
+    if path not in root or not root[path].attrs.get("created"):
+        raise StoreError(f"no derived group {key!r} in {name}/{version}")
+    return dict(root[path].attrs)
+
+
+def list_derived(store_url: str, name: str, version: str | None = None,
+                 kind: str | None = None) -> dict[str, dict[str, Any]]:
+    """Attributes of every derived group of a dataset version (of one kind if given)."""
+    version = resolve_version(store_url, name, version)
+    root = _root(store_url, mode="r")
+    path = f"{_version_path(name, version)}/{DERIVED}"
+    if path not in root:
+        return {}
+    return {key: dict(g.attrs) for key, g in sorted(root[path].groups())
+            if g.attrs.get("created") and (kind is None or g.attrs.get("kind") == kind)}
+
+
+class Derived:
+    """Read API of one derived group: rows by image id, whole shards, whole fields, extras."""
+
+    def __init__(self, group: zarr.Group, ids: np.ndarray, status: np.ndarray,
+                 cache_bytes: int):
+        attrs = group.attrs
+        self.group = group
+        self.key: str = attrs["key"]
+        self.kind: str = attrs["kind"]
+        self.params: dict[str, Any] = dict(attrs["params"])
+        self.attrs: dict[str, Any] = dict(attrs)
+        self.fields: list[str] = [f["name"] for f in attrs["fields"]]
+        self.primary: str = attrs["primary"]
+        self.shard_size: int = int(attrs["shard_size"])
+        self.n_rows: int = int(attrs["n_rows"])
+        self.complete: bool = bool(attrs.get("complete"))
+        ok = status == INGESTED
+        self.ids: list[str] = ids[ok].tolist()
+        self._row_of = {i: int(r) for i, r in zip(self.ids, np.flatnonzero(ok), strict=True)}
+        self._cache = _ShardCache(cache_bytes)
+        self._arrays: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"Derived({self.key!r}, fields={self.fields}, complete={self.complete})"
+
+    @property
+    def n_shards(self) -> int:
+        return len(shard_bounds(self.n_rows, self.shard_size))
+
+    def row(self, image_id: str) -> int:
+        try:
+            return self._row_of[str(image_id)]
+        except KeyError:
+            raise KeyError(f"{image_id!r} is not an ingested image of this dataset") from None
+
+    def shard(self, shard: int, field_name: str | None = None) -> np.ndarray:
+        """All rows of one shard of a field (cached; do not modify the result)."""
+        key = field_name or self.primary
+        return self._cache.get((key, shard), lambda: self._read_shard(key, shard))
+
+    def _read_shard(self, key: str, shard: int) -> np.ndarray:
+        if key not in self._arrays:  # opening an array reads its metadata: once, on a miss
+            self._arrays[key] = self.group[key]
+        start = shard * self.shard_size
+        return self._arrays[key][start:min(start + self.shard_size, self.n_rows)]
+
+    def get(self, image_id: str, field_name: str | None = None) -> np.ndarray:
+        """One image's row of a field (the group's primary field by default)."""
+        shard, offset = divmod(self.row(image_id), self.shard_size)
+        return self.shard(shard, field_name)[offset].copy()
+
+    def read(self, field_name: str) -> np.ndarray:
+        """A whole field, row-aligned with the dataset (for small per-image tables)."""
+        return self.group[field_name][:]
+
+    def extra(self, name: str) -> np.ndarray:
+        return self.group[f"extra/{name}"][...]
+
+
+def open_derived(store_url: str, name: str, key: str, version: str | None = None, *,
+                 cache_bytes: int = 256 << 20, storage_options: dict | None = None) -> Derived:
+    """Open a derived group of a dataset version (the latest complete one unless named)."""
+    version = resolve_version(store_url, name, version)
+    root = _root(store_url, mode="r", storage_options=storage_options)
+    path = _derived_path(name, version, key)
+    if path not in root or not root[path].attrs.get("created"):
+        known = ", ".join(list_derived(store_url, name, version)) or "none"
+        raise StoreError(f"no derived group {key!r} in {name}/{version} (known: {known})")
+    index = read_index(store_url, name, version)
+    return Derived(root[path], index["id"].to_numpy(), index["status"].to_numpy(), cache_bytes)

@@ -222,7 +222,7 @@ class TrainResult:
     resumed_from: int = 0
 
 
-def _episodes_for_step(sampler: EpisodeSampler, step: int, batch_size: int) -> list[Episode]:
+def episodes_for_step(sampler: EpisodeSampler, step: int, batch_size: int) -> list[Episode]:
     return [sampler.episode(step * batch_size + b) for b in range(batch_size)]
 
 
@@ -276,7 +276,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
     done_here = 0
     while step < cfg.steps:
         model.train()
-        batch = make_batch(_episodes_for_step(train_sampler, step, cfg.batch_size), device,
+        batch = make_batch(episodes_for_step(train_sampler, step, cfg.batch_size), device,
                            cache)
         with _autocast(device):
             loss = training_loss(model, batch, cfg.ways, cfg)
