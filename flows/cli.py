@@ -140,6 +140,53 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from flows.ablate import run_ablation
+    from flows.runtime import prefect_api
+
+    study = yaml.safe_load(Path(args.config).read_text())
+    t0 = time.perf_counter()
+    with prefect_api():
+        out = run_ablation(study, workers=args.workers, dask_address=args.dask_address,
+                           overrides=args.set, out_dir=args.out)
+    print(f"ablation {study['study']}: {out['points']} points, {out['trained']} trained, "
+          f"{out['skipped']} already done, {len(out['failed'])} failed "
+          f"({time.perf_counter() - t0:.0f} s)")
+    for message in out["failed"]:
+        print(f"  failed: {message}")
+    print(out["table"])
+    print(f"table and plot: {Path(out['files']['markdown']).parent}; parent MLflow run "
+          f"{out['parent_run_id']} in experiment {out['experiment']!r}")
+    print(ui_hint())
+    return 1 if out["failed"] else 0
+
+
+def ui_hint() -> str:
+    from tasks.tracking import tracking_uri
+
+    return (f"compare runs: mlflow ui --backend-store-uri {tracking_uri()} "
+            "--host 127.0.0.1 --port 5000   (or: fss ui)")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tasks import report
+
+    run = report.parent_run(args.experiment, args.study)
+    if run is None:
+        raise ValueError(f"no ablation found in experiment {args.experiment!r}")
+    results = report.child_results(run.info.run_id)
+    name = run.data.tags.get(report.STUDY_TAG, "study")
+    paths = report.write_summary(results, Path(args.out) / name,
+                                 title=f"{name}: mIoU vs label budget")
+    status = run.info.status.lower()
+    print(f"ablation {name} ({status}): {len(results)} finished points")
+    print(report.to_markdown(report.summarize(results)))
+    print(f"plot: {paths['plot']}")
+    return 0
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     from flows import runtime
 
@@ -211,6 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override, e.g. test_episodes=1000 scoring=hsnet test_shots=[5]")
     e.add_argument("--out", default="eval", help="folder for tables and overlays")
     e.set_defaults(func=cmd_evaluate)
+
+    a = sub.add_parser("ablate", help="label-budget ablation: models x budgets x folds x ...")
+    a.add_argument("--config", required=True, help="a study YAML (configs/ablation-*.yaml)")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of every point, e.g. steps=50")
+    a.add_argument("--out", default="reports", help="folder for the summary table and plot")
+    ga = a.add_mutually_exclusive_group()
+    ga.add_argument("--workers", type=int, default=1, help="LocalCluster worker processes")
+    ga.add_argument("--dask-address", help="existing Dask scheduler (or env FSS_DASK_ADDRESS)")
+    a.set_defaults(func=cmd_ablate)
+
+    r = sub.add_parser("report", help="summary table and plot of an ablation (also running)")
+    r.add_argument("--experiment", required=True, help="MLflow experiment of the study")
+    r.add_argument("--study", help="study name (default: the latest ablation)")
+    r.add_argument("--out", default="reports")
+    r.set_defaults(func=cmd_report)
 
     sv = sub.add_parser("server", help="a persistent local Prefect server (127.0.0.1)")
     sv.add_argument("action", choices=["start", "stop", "status"])

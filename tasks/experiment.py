@@ -19,7 +19,15 @@ from tasks.config import TrainConfig
 from tasks.overlays import render_grid
 from tasks.store import open_dataset
 from tasks.tracking import Tracker, code_version
-from tasks.training import EvalResult, build_model, evaluate_fold, load_state, train, write_json
+from tasks.training import (
+    EvalResult,
+    build_model,
+    evaluate_fold,
+    load_state,
+    save_initial,
+    train,
+    write_json,
+)
 
 RESULT = "result.json"
 
@@ -64,7 +72,13 @@ def run_point(cfg: TrainConfig, *, parent_run_id: str | None = None,
             "data.name": ds.name, "data.version": ds.version,
             "data.fingerprint": ds.fingerprint, "code.version": code_version()})
         (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": cfg.to_dict()}))
-        fit = train(cfg, run_dir, on_metrics=tracker.log_metrics, progress=progress)
+        if cfg.budget > 0:
+            fit = train(cfg, run_dir, on_metrics=tracker.log_metrics, progress=progress)
+        elif cfg.model == "umt":
+            raise ValueError("the UMT model at 0 % labels trains on pseudo meta-tasks, "
+                             "which this version does not build yet")
+        else:
+            fit = save_initial(cfg, run_dir)
         model = build_model(cfg)
         best = run_dir / "checkpoints" / "best.pt"
         model.load_state_dict(load_state(best)["model"])

@@ -323,6 +323,17 @@ def feature_cache(cfg: TrainConfig, model: nn.Module, ds: Dataset,
     return FrozenFeatureCache(model, ds, device)
 
 
+def save_initial(cfg: TrainConfig, run_dir: Path) -> TrainResult:
+    """Budget 0 without pseudo tasks: no labelled episode exists, so the point is the model as
+    initialised (its backbone possibly self-supervised): the untrained floor."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    save_checkpoint(run_dir / "checkpoints" / "best.pt",
+                    {"model": model.state_dict(), "step": 0, "config": cfg.to_dict()})
+    return TrainResult(run_dir=run_dir, steps=0, best_step=0, best_val_miou=float("nan"),
+                       history=[], seconds=0.0)
+
+
 def _warmup_cosine(total: int, warmup_frac: float = 0.05) -> Callable[[int], float]:
     warmup = max(1, int(total * warmup_frac))
 

@@ -22,6 +22,23 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_store(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`synth_root` ingested at 64 px as dataset "synth" (plain functions, no Prefect)."""
+    from tasks import ingest, store
+    from tasks.readers import make_reader
+
+    url = str(tmp_path_factory.mktemp("tiny-store") / "s.zarr")
+    readers = [make_reader("voc", synth_root / "voc", s) for s in ("train", "val")]
+    plan = ingest.plan_ingest(readers, "synth", size=64, shard_size=32)
+    store.create_dataset(url, plan.spec)
+    for k in range(plan.spec.n_shards):
+        ingest.ingest_shard(url, "synth", plan.spec.version, k, plan.shard_items(k),
+                            plan.readers, 64)
+    store.finalize_dataset(url, "synth", plan.spec.version)
+    return url
+
+
+@pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory):
     """`prefect server start` on 127.0.0.1 with its own SQLite DB; stopped after the session."""
     from flows.runtime import _drain_prefect_workers, start_server, stop_process

@@ -8,28 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks import ingest, store
 from tasks.config import TrainConfig, apply_overrides, load_config
-from tasks.readers import make_reader
 from tasks.training import build_model, load_state, train
 
 TINY = {"metasegnet": {"embed_dim": 16, "global_dim": 32, "local_dim": 16},
         "panet": {},
         "umt": {"dim": 32, "n_fg_protos": 4, "n_bg_protos": 6, "heads": 2,
                 "freeze_backbone": False}}
-
-
-@pytest.fixture(scope="module")
-def tiny_store(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    url = str(tmp_path_factory.mktemp("train-store") / "s.zarr")
-    readers = [make_reader("voc", synth_root / "voc", s) for s in ("train", "val")]
-    plan = ingest.plan_ingest(readers, "synth", size=64, shard_size=32)
-    store.create_dataset(url, plan.spec)
-    for k in range(plan.spec.n_shards):
-        ingest.ingest_shard(url, "synth", plan.spec.version, k, plan.shard_items(k),
-                            plan.readers, 64)
-    store.finalize_dataset(url, "synth", plan.spec.version)
-    return url
 
 
 def _cfg(url: str, tmp_path: Path, model: str = "metasegnet", **kw) -> TrainConfig:
