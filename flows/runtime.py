@@ -172,5 +172,5 @@ def task_runner(workers: int = 2, dask_address: str | None = None):  # -> DaskTa
         cluster_class="distributed.LocalCluster",
         # One thread per worker process: decoding and torch work scale by processes here.
         cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                        "host": "127.0.0.1", "dashboard_address": None},
+                        "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"},
     )
