@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,31 @@ def tracking_uri() -> str:
     return uri or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
 
 
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with the URI in the message, when a tracking server does not answer.
+
+    MLflow's own client retries with backoff for minutes before giving up; a sweep should stop
+    before any expensive work instead.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+            if r.status == 200:
+                return
+            reason = f"HTTP {r.status}"
+    except OSError as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise RuntimeError(f"MLflow tracking server {uri} is unreachable ({reason}); start it "
+                       "(infra/mlflow) or unset MLFLOW_TRACKING_URI to use the local SQLite store")
+
+
 def ensure_experiment(name: str, uri: str | None = None) -> str:
     """Create (once) and return the experiment id; fails fast when the backend is unreachable."""
+    uri = uri or tracking_uri()
+    check_reachable(uri)  # before importing mlflow, which alone takes seconds
     from mlflow.tracking import MlflowClient
 
-    uri = uri or tracking_uri()
     client = MlflowClient(uri)
     try:
         exp = client.get_experiment_by_name(name)
