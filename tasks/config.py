@@ -27,6 +27,12 @@ class TrainConfig:
     budget: float = 1.0  # fraction of training images whose masks may be used
     budget_seed: int = 0  # fixes the nested labelled subsets (5 % ⊂ 10 % ⊂ ...)
     min_pixels: int = 2 * 32 * 32  # region floor at original resolution
+    # Pseudo meta-tasks (fss pseudo): the pseudo-mask group's key, or "latest" for the only one.
+    pseudo: str | None = None
+    budget_mode: str = "finetune"  # with pseudo tasks and labels: "finetune" or "mixed"
+    pseudo_steps: int = 0  # finetune: pseudo episodes before the `steps` labelled ones
+    mixed_pseudo_fraction: float = 0.5  # mixed: share of the `steps` that are pseudo episodes
+    pseudo_top_k: int = 10  # supports come from the k most similar images of the cluster
     steps: int = 1000
     batch_size: int = 8
     lr: float = 1e-3
@@ -58,6 +64,13 @@ class TrainConfig:
             raise ValueError(f"scoring must be 'pfenet' or 'hsnet', not {self.scoring!r}")
         if self.model == "umt" and self.ways != 1:
             raise ValueError("the UMT Transformer is a 1-way model (ways: 1)")
+        if self.budget_mode not in ("finetune", "mixed"):
+            raise ValueError(f"budget_mode is 'finetune' or 'mixed', not {self.budget_mode!r}")
+        if self.pseudo and self.ways != 1:
+            raise ValueError("pseudo meta-tasks are 1-way episodes (ways: 1)")
+        if self.pseudo and self.budget > 0 and self.budget_mode == "finetune" \
+                and self.pseudo_steps < 1:
+            raise ValueError("budget_mode finetune needs pseudo_steps >= 1")
         for name in ("steps", "batch_size", "ways", "shots", "checkpoint_every", "val_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -72,12 +72,9 @@ def run_point(cfg: TrainConfig, *, parent_run_id: str | None = None,
             "data.name": ds.name, "data.version": ds.version,
             "data.fingerprint": ds.fingerprint, "code.version": code_version()})
         (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": cfg.to_dict()}))
-        if cfg.budget > 0:
+        if cfg.budget > 0 or cfg.pseudo:
             fit = train(cfg, run_dir, on_metrics=tracker.log_metrics, progress=progress)
-        elif cfg.model == "umt":
-            raise ValueError("the UMT model at 0 % labels trains on pseudo meta-tasks, "
-                             "which this version does not build yet")
-        else:
+        else:  # no labels and no pseudo tasks: the model as initialised is the point
             fit = save_initial(cfg, run_dir)
         model = build_model(cfg)
         best = run_dir / "checkpoints" / "best.pt"

@@ -33,7 +33,8 @@ from tasks.embeddings import to_input
 from tasks.episodes import Episode, EpisodeSampler, batch_to_tensors, label_budget
 from tasks.folds import base_classes, fold_classes
 from tasks.metrics import SegmentationMeter, upsample_logits_to
-from tasks.store import Dataset, open_dataset
+from tasks.pseudo_tasks import PseudoEpisodeSampler
+from tasks.store import Dataset, list_derived, open_dataset, open_derived
 
 MetricsHook = Callable[[dict[str, float], int], None]
 
@@ -226,23 +227,65 @@ def episodes_for_step(sampler: EpisodeSampler, step: int, batch_size: int) -> li
     return [sampler.episode(step * batch_size + b) for b in range(batch_size)]
 
 
-def make_samplers(cfg: TrainConfig, ds: Dataset) -> tuple[EpisodeSampler, EpisodeSampler]:
+def make_samplers(cfg: TrainConfig, ds: Dataset
+                  ) -> tuple[EpisodeSampler | None, EpisodeSampler | None]:
     """Training episodes on the labelled budget's images, validation on held-out images;
-    both draw only base classes of the fold."""
+    both draw only base classes of the fold. Budget 0 has neither (no label is read)."""
+    if cfg.budget == 0:
+        return None, None
     n_classes = len(ds.classes) - 1
     base = base_classes(n_classes, cfg.fold, cfg.n_folds, cfg.fold_variant)
     labelled = label_budget(ds.split_ids("train"), cfg.budget, cfg.budget_seed)
-    if not labelled:
-        raise ValueError(f"budget {cfg.budget} leaves no labelled training image")
     common = dict(classes=base, ways=cfg.ways, shots=cfg.shots, min_pixels=cfg.min_pixels)
     train = EpisodeSampler(ds, split="train", image_ids=labelled, seed=cfg.seed, **common)
     val = EpisodeSampler(ds, split="val", seed=cfg.seed + 10_000, **common)
     return train, val
 
 
+def pseudo_sampler(cfg: TrainConfig, ds: Dataset) -> PseudoEpisodeSampler | None:
+    """Pseudo meta-tasks over all (unlabelled) training images, when the config names them."""
+    if not cfg.pseudo:
+        return None
+    key = cfg.pseudo
+    if key == "latest":
+        groups = [k for k, a in list_derived(cfg.store, ds.name, ds.version, kind="pseudo").items()
+                  if a.get("complete")]
+        if len(groups) != 1:
+            raise ValueError(f"pseudo: latest needs exactly one complete pseudo-mask group in "
+                             f"{ds.name}/{ds.version}, found {groups or 'none'}: name one")
+        key = groups[0]
+    derived = open_derived(cfg.store, ds.name, key, ds.version)
+    return PseudoEpisodeSampler(ds, derived, split="train", shots=cfg.shots,
+                                min_pixels=cfg.min_pixels, top_k=cfg.pseudo_top_k,
+                                seed=cfg.seed + 20_000)
+
+
+def total_steps(cfg: TrainConfig) -> int:
+    if cfg.pseudo and cfg.budget > 0 and cfg.budget_mode == "finetune":
+        return cfg.pseudo_steps + cfg.steps
+    return cfg.steps
+
+
+def episode_stream(cfg: TrainConfig, step: int) -> str:
+    """Which episodes step `step` trains on: "pseudo" or "labelled".
+
+    No pseudo tasks: labelled. Budget 0: pseudo. finetune: `pseudo_steps` pseudo steps, then
+    `steps` labelled ones (pseudo-train, then meta-train, as the UMTFSS code does). mixed: the
+    `steps` interleave, a `mixed_pseudo_fraction` share of them pseudo, evenly spread.
+    """
+    if not cfg.pseudo:
+        return "labelled"
+    if cfg.budget == 0:
+        return "pseudo"
+    if cfg.budget_mode == "finetune":
+        return "pseudo" if step < cfg.pseudo_steps else "labelled"
+    f = cfg.mixed_pseudo_fraction
+    return "pseudo" if math.floor((step + 1) * f) > math.floor(step * f) else "labelled"
+
+
 def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = None,
           progress: bool = True, stop_after: int | None = None) -> TrainResult:
-    """Train (or resume) a run in `run_dir`; returns when `cfg.steps` are done.
+    """Train (or resume) a run in `run_dir`; returns when all `total_steps(cfg)` are done.
 
     `stop_after` ends the process of training early after that many steps in this call (used
     by tests to simulate a crash at a known point).
@@ -253,12 +296,16 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
     device = pick_device(cfg.device)
     ds = open_dataset(cfg.store, cfg.dataset)
     train_sampler, val_sampler = make_samplers(cfg, ds)
+    samplers = {"labelled": train_sampler, "pseudo": pseudo_sampler(cfg, ds)}
+    if samplers["labelled"] is None and samplers["pseudo"] is None:
+        raise ValueError("budget 0 without pseudo tasks has nothing to train on")
+    total = total_steps(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device)
     cache = feature_cache(cfg, model, ds, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(total))
     last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     step, best_step, best_val, history = 0, 0, -1.0, []
     if last_path.exists():
@@ -271,13 +318,13 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
         history = [tuple(h) for h in state["history"]]
     resumed_from = step
     emit = on_metrics or (lambda metrics, s: None)
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", unit="step",
+    bar = tqdm(total=total, initial=step, desc=f"train {cfg.model}", unit="step",
                disable=not progress)
     done_here = 0
-    while step < cfg.steps:
+    while step < total:
         model.train()
-        batch = make_batch(episodes_for_step(train_sampler, step, cfg.batch_size), device,
-                           cache)
+        sampler = samplers[episode_stream(cfg, step)]
+        batch = make_batch(episodes_for_step(sampler, step, cfg.batch_size), device, cache)
         with _autocast(device):
             loss = training_loss(model, batch, cfg.ways, cfg)
         if not torch.isfinite(loss):
@@ -292,7 +339,12 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
         emit({"train/loss": history[-1][1], "train/lr": sched.get_last_lr()[0]}, step)
         bar.update()
         bar.set_postfix(loss=f"{history[-1][1]:.3f}")
-        if step % cfg.val_every == 0 or step == cfg.steps:
+        # Without labels (budget 0) nothing may select a checkpoint: the last one is kept.
+        if val_sampler is None and step == total:
+            best_step = step
+            save_checkpoint(best_path, {"model": model.state_dict(), "step": step,
+                                        "config": cfg.to_dict()})
+        elif val_sampler is not None and (step % cfg.val_every == 0 or step == total):
             val = evaluate(model, val_sampler, episodes=cfg.val_episodes,
                            class_names=ds.classes, device=device, scoring="hsnet", cache=cache)
             emit({"val/miou": val.miou, "val/fbiou": val.fbiou}, step)
@@ -300,7 +352,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
                 best_val, best_step = val.miou, step
                 save_checkpoint(best_path, {"model": model.state_dict(), "step": step,
                                             "config": cfg.to_dict()})
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or step == total:
             save_checkpoint(last_path, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "step": step,
@@ -309,6 +361,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
         if stop_after is not None and done_here >= stop_after:
             break
     bar.close()
+    if val_sampler is None:
+        best_val = float("nan")  # nothing was validated: no labels
     return TrainResult(run_dir=run_dir, steps=step, best_step=best_step, best_val_miou=best_val,
                        history=history, seconds=time.perf_counter() - t0,
                        resumed_from=resumed_from)

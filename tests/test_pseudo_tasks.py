@@ -1,0 +1,125 @@
+"""Pseudo meta-tasks and the label-budget schedules, on a hand-made pseudo-mask group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks import store
+from tasks.config import TrainConfig
+from tasks.pseudo_tasks import PseudoEpisodeSampler
+from tasks.training import episode_stream, total_steps, train
+
+K, DIM = 4, 8
+
+
+@pytest.fixture(scope="module")
+def pseudo_key(tiny_store: str) -> str:
+    """Clusters from image quadrants: cluster c holds quadrant c, except where noted."""
+    ds = store.open_dataset(tiny_store, "synth")
+    n, size = len(ds.index), ds.size
+    half = size // 2
+    masks = np.zeros((n, size, size), np.uint8)
+    masks[:, :half, half:], masks[:, half:, :half], masks[:, half:, half:] = 1, 2, 3
+    masks[1::2, :half, :half] = 3  # odd rows: no cluster 0 at all
+    masks[:, :3, :3] = 255
+    counts = np.stack([np.bincount(m.ravel(), minlength=256)[:K] for m in masks])
+    rng = np.random.default_rng(0)
+    protos = rng.normal(size=(n, K, DIM)).astype(np.float16)
+    fields = [store.DerivedField("mask", (size, size), "uint8", fill=255),
+              store.DerivedField("counts", (K,), "int64"),
+              store.DerivedField("spans", (K, 2), "int32"),
+              store.DerivedField("prototypes", (K, DIM), "float16")]
+    key, _ = store.create_derived(tiny_store, "synth", ds.version, "pseudo", {"test": 1}, fields)
+    for shard, (a, b) in enumerate(store.shard_bounds(n, ds.shard_size)):
+        store.write_derived_shard(tiny_store, "synth", ds.version, key, shard, {
+            "mask": masks[a:b], "counts": counts[a:b],
+            "spans": np.zeros((b - a, K, 2), np.int32), "prototypes": protos[a:b]})
+    # Cluster 3 covers half of every image: call it background-like.
+    store.finalize_derived(tiny_store, "synth", ds.version, key,
+                           attrs={"background": {"clusters": [3]}})
+    return key
+
+
+@pytest.fixture
+def no_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any read of a label array, through the Dataset API or zarr, fails the test."""
+    def refuse(*_a, **_k):
+        raise AssertionError("a label array was read")
+
+    for name in ("mask", "original_mask", "pixels"):
+        monkeypatch.setattr(store.Dataset, name, refuse)
+    read_shard = store.Dataset._read_shard
+
+    def guarded(self, key, shard):
+        if key != "images":
+            refuse()
+        return read_shard(self, key, shard)
+
+    monkeypatch.setattr(store.Dataset, "_read_shard", guarded)
+
+
+def _sampler(url: str, key: str, **kw) -> PseudoEpisodeSampler:
+    ds = store.open_dataset(url, "synth")
+    return PseudoEpisodeSampler(ds, store.open_derived(url, "synth", key), **kw)
+
+
+def test_filters_topk_and_determinism(tiny_store: str, pseudo_key: str, no_labels) -> None:
+    s = _sampler(tiny_store, pseudo_key, shots=2, min_pixels=100, top_k=3, seed=5)
+    assert s.clusters == [0, 1, 2]  # 3 is background-like
+    rows = [s.pseudo.row(i) for i in s.ids[s.eligible[0]]]
+    assert rows and all(r % 2 == 0 for r in rows)  # odd rows hold no cluster 0
+    assert len(s.eligible[1]) == len(s.ids)
+    for i in range(20):
+        ep = s.episode(i)
+        cluster = ep.classes[0]
+        assert ep.query_id not in ep.support_ids and len(set(ep.support_ids)) == 2
+        assert set(np.unique(ep.query_mask)) <= {0, 1, 255}
+        assert (ep.support_masks == 1).any(axis=(1, 2)).all()
+        # supports are among the top-3 most similar images of the cluster
+        q = s._protos[list(s.ids).index(ep.query_id), cluster]
+        members = [m for m in s.eligible[cluster] if s.ids[m] != ep.query_id]
+        sims = {s.ids[m]: float(s._protos[m, cluster] @ q) for m in members}
+        top = sorted(sims, key=lambda k: -sims[k])[:3]
+        assert set(ep.support_ids) <= set(top)
+    a, b = s.episode(7), s.episode(7)
+    assert a.query_id == b.query_id and np.array_equal(a.support_masks, b.support_masks)
+    with pytest.raises(ValueError, match="no cluster"):
+        _sampler(tiny_store, pseudo_key, min_pixels=10**6)
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**({"pseudo": "x", "steps": 4} | kw))
+
+
+def test_budget_mode_schedules() -> None:
+    assert [episode_stream(_cfg(pseudo=None), s) for s in range(3)] == ["labelled"] * 3
+    zero = _cfg(budget=0.0)
+    assert total_steps(zero) == 4 and {episode_stream(zero, s) for s in range(4)} == {"pseudo"}
+    fine = _cfg(budget=0.2, pseudo_steps=3)
+    assert total_steps(fine) == 7
+    assert [episode_stream(fine, s) for s in range(7)] == ["pseudo"] * 3 + ["labelled"] * 4
+    mixed = _cfg(budget=0.2, budget_mode="mixed", mixed_pseudo_fraction=0.5)
+    assert total_steps(mixed) == 4
+    assert [episode_stream(mixed, s) for s in range(4)] == ["labelled", "pseudo"] * 2
+    third = _cfg(budget=1.0, budget_mode="mixed", mixed_pseudo_fraction=1 / 3, steps=6)
+    assert [episode_stream(third, s) for s in range(6)].count("pseudo") == 2
+    with pytest.raises(ValueError, match="pseudo_steps"):
+        _cfg(budget=0.2)
+    with pytest.raises(ValueError, match="1-way"):
+        _cfg(ways=2)
+
+
+def test_zero_budget_trains_on_pseudo_tasks_without_labels(
+        tiny_store: str, pseudo_key: str, tmp_path: Path, no_labels) -> None:
+    cfg = TrainConfig(model="umt", store=tiny_store, dataset="synth", budget=0.0,
+                      pseudo="latest", steps=3, batch_size=2, checkpoint_every=3,
+                      min_pixels=100, model_args={"dim": 32, "n_fg_protos": 4,
+                                                  "n_bg_protos": 6, "heads": 2,
+                                                  "freeze_backbone": False})
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.steps == 3 and result.best_step == 3
+    assert np.isnan(result.best_val_miou)
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").exists()
