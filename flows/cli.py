@@ -281,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=4200)
     sv.set_defaults(func=cmd_server)
 
+    # Stages owned by their flow modules: each adds its own subcommand.
+    from flows.deployments import add_deploy_parser
+    from flows.features import add_features_parser
+    from flows.pretrain import add_pretrain_parser
+    from flows.pseudo import add_pseudo_parser
+    from flows.ui import add_ui_parser
+
+    for add in (add_pretrain_parser, add_features_parser, add_pseudo_parser, add_ui_parser,
+                add_deploy_parser):
+        add(sub)
+
     d = sub.add_parser("demo", help="the end-to-end demo on the synthetic benchmark")
     d.add_argument("--workdir", default="demo", help="where data, store and runs go")
     d.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
@@ -296,11 +307,12 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    # Keep the terminal for progress bars and results; workers inherit these settings.
+    # Keep the terminal for progress bars and results. Set before anything imports dask or
+    # prefect (building the parser does), and inherited by the Dask worker processes.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from tasks.readers import DatasetError
     from tasks.store import StoreError
 

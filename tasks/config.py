@@ -41,6 +41,7 @@ class TrainConfig:
     backbone: str = "small_resnet"
     backbone_checkpoint: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
+    ce_weight: float = 0.0  # UMT: Dice (the paper's loss) + ce_weight x cross-entropy
     cache_features: bool = False  # UMT, frozen backbone: compute backbone features once
     checkpoint_every: int = 200
     val_every: int = 200

@@ -58,8 +58,8 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
     if exp is not None:
         return exp.experiment_id
     location = None
-    if uri.startswith("sqlite:"):
-        location = Path(DEFAULT_ARTIFACTS).resolve().as_uri()
+    if uri.startswith("sqlite:///"):  # artifacts beside the database, whatever the cwd
+        location = (Path(uri.removeprefix("sqlite:///")).parent / DEFAULT_ARTIFACTS).as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 

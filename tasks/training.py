@@ -105,7 +105,7 @@ def training_loss(model: nn.Module, batch: dict[str, Any], ways: int,
                   cfg: TrainConfig) -> torch.Tensor:
     target = batch["query_mask"]
     if isinstance(model, UMTTransformer):
-        return model.loss(forward_logits(model, batch, ways), target)
+        return model.loss(forward_logits(model, batch, ways), target, ce_weight=cfg.ce_weight)
     if isinstance(model, PANet):
         align_weight = float(cfg.model_args.get("align_weight", 1.0))
         if align_weight > 0:
