@@ -6,7 +6,7 @@ after it and workers can rebuild it:
     {"kind": "backbone", "backbone": "small_resnet" | "resnet50", "layer": "layer4",
      "checkpoint": "path/to/weights.pth" | None, "prefix": None}
 
-More kinds (DINO ViT patch tokens) register themselves in `EMBEDDERS`.
+    {"kind": "dino", ...}: DINO ViT patch tokens (tasks/dino.py)
 """
 
 from __future__ import annotations
@@ -61,7 +61,16 @@ def _backbone_embedder(spec: dict[str, Any]) -> Embedder:
                     backbone.strides[layer])
 
 
-EMBEDDERS: dict[str, Callable[[dict[str, Any]], Embedder]] = {"backbone": _backbone_embedder}
+def _dino_embedder(spec: dict[str, Any]) -> Embedder:
+    from tasks.dino import dino_embedder  # imported on use: the ViT code is not needed otherwise
+
+    return dino_embedder(spec)
+
+
+EMBEDDERS: dict[str, Callable[[dict[str, Any]], Embedder]] = {
+    "backbone": _backbone_embedder,
+    "dino": _dino_embedder,  # {"kind": "dino", "arch": ..., "patch_size": 8, "checkpoint": ...}
+}
 
 
 def load_embedder(spec: dict[str, Any]) -> Embedder:
