@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-quick test lint bench clean
+.PHONY: install demo demo-quick test bench clean deploy worker-cpu mlflow-ui
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/train.py
+
+# Work pools + the deployments of prefect.yaml on the local Prefect server (fss server).
+deploy: $(STAMP)
+	$(BIN)/fss deploy
+
+worker-cpu: $(STAMP)
+	$(BIN)/fss deploy --worker fss-cpu
+
+mlflow-ui: $(STAMP)
+	$(BIN)/fss ui
 
 clean:
 	rm -rf demo .fss .pytest_cache .ruff_cache

@@ -1,0 +1,257 @@
+"""Prefect deployments: the flows `prefect.yaml` points at, and `fss deploy` that applies it.
+
+Deployment parameters must be JSON, and flows that fan out need a Dask task runner chosen where
+they run, so each data stage and study gets a thin wrapper flow here: it takes JSON parameters
+(a config *path* instead of a parsed study), builds the runner on the worker host (a
+LocalCluster, or `FSS_DASK_ADDRESS` when the worker's environment names a scheduler) and calls
+the real flow as a subflow. Relative paths resolve against the project directory, where the
+`pull` step of `prefect.yaml` puts every flow run (`FSS_PROJECT_DIR` on the worker).
+
+`fss deploy` ensures a Prefect API, creates the work pools, runs `prefect deploy --all` and can
+start workers:
+
+    fss deploy                      # pools + every deployment in prefect.yaml
+    fss deploy --worker fss-cpu     # ... then serve the CPU pool here until Ctrl-C
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR_ENV = "FSS_PROJECT_DIR"
+PREFECT_FILE = PROJECT_DIR / "prefect.yaml"
+# Both pools run each flow run as a subprocess on the worker's host; GPU hosts serve fss-gpu.
+POOLS: dict[str, str] = {
+    "fss-cpu": "data stages (ingest, features, pseudo masks) on CPU hosts",
+    "fss-gpu": "training, pretraining and ablations on GPU hosts (one worker per GPU)",
+}
+
+
+# --- wrapper flows (entrypoints of prefect.yaml) -------------------------------------------
+
+@flow(name="fss-ingest")
+def ingest_deployment(source: str = "voc", root: str = "data/synth/voc",
+                      store_url: str = "data/store.zarr", name: str = "synth",
+                      splits: list[str] | None = None, size: int = 144, shard_size: int = 64,
+                      classes_file: str | None = None, list_file: str | None = None,
+                      workers: int = 2, dask_address: str | None = None) -> dict[str, Any]:
+    """Ingest a VOC- or COCO-format dataset into the store (one Dask task per shard)."""
+    from flows.ingest import run_ingest
+
+    return run_ingest(workers=workers, dask_address=dask_address, source=source,
+                      root=str(Path(root).resolve()), store_url=store_url, name=name,
+                      splits=splits, size=size, shard_size=shard_size,
+                      classes_file=classes_file, list_file=list_file, progress=False)
+
+
+@flow(name="fss-features")
+def features_deployment(store_url: str = "data/store.zarr", name: str = "synth",
+                        embedder: dict[str, Any] | None = None, version: str | None = None,
+                        batch_size: int = 16, gpu: bool = False, workers: int = 2,
+                        dask_address: str | None = None) -> dict[str, Any]:
+    """Embed every image of a dataset with a frozen embedder (default: random small ResNet)."""
+    from flows.features import run_features
+
+    embedder = embedder or {"kind": "backbone", "backbone": "small_resnet", "layer": "layer4"}
+    return run_features(workers=workers, dask_address=dask_address, gpu=gpu,
+                        store_url=store_url, name=name, embedder=embedder, version=version,
+                        batch_size=batch_size, progress=False)
+
+
+@flow(name="fss-pseudo")
+def pseudo_deployment(store_url: str = "data/store.zarr", name: str = "synth",
+                      features_key: str | None = None, embedder: dict[str, Any] | None = None,
+                      version: str | None = None, k: int = 30, seed: int = 0,
+                      report: bool = True, report_dir: str = "reports",
+                      experiment: str | None = None, gpu: bool = False, workers: int = 2,
+                      dask_address: str | None = None) -> dict[str, Any]:
+    """Pseudo masks by k-means of pixel features; runs the features first given an embedder."""
+    from flows.pseudo import run_pseudo
+
+    if features_key is None and embedder is None:
+        embedder = {"kind": "backbone", "backbone": "small_resnet", "layer": "layer4"}
+    return run_pseudo(workers=workers, dask_address=dask_address, embedder=embedder,
+                      features_key=features_key, gpu=gpu, store_url=store_url, name=name,
+                      version=version, k=k, seed=seed, report=report, report_dir=report_dir,
+                      experiment=experiment, progress=False)
+
+
+@flow(name="fss-train")
+def train_deployment(config_path: str = "configs/synthetic.yaml",
+                     overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train and evaluate one config file (`--set`-style `key=value` overrides)."""
+    from flows.train import train_flow
+    from tasks.config import load_config
+
+    cfg = load_config(config_path, overrides or [])
+    return train_flow(cfg.to_dict(), progress=False)
+
+
+@flow(name="fss-ablation")
+def ablation_deployment(config_path: str = "configs/ablation-synthetic.yaml",
+                        overrides: list[str] | None = None, out_dir: str = "reports",
+                        workers: int = 1, dask_address: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the label-budget study of a YAML file; finished points are read back."""
+    import yaml
+
+    from flows.ablate import run_ablation
+
+    path = Path(config_path)
+    if not path.exists():
+        raise FileNotFoundError(f"study file {path.resolve()} does not exist")
+    study = yaml.safe_load(path.read_text())
+    return run_ablation(study, workers=workers, dask_address=dask_address,
+                        overrides=overrides or [], out_dir=out_dir, progress=False)
+
+
+# --- applying prefect.yaml -------------------------------------------------------------------
+
+def ensure_pools(api_url: str, pools: dict[str, str] | None = None) -> list[str]:
+    """Create the `process` work pools that are missing; returns the names created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.workers.process import ProcessWorker
+
+    created = []
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), \
+            get_client(sync_client=True) as client:
+        for name, description in (pools or POOLS).items():
+            try:
+                client.read_work_pool(name)
+                continue
+            except ObjectNotFound:
+                pass
+            client.create_work_pool(WorkPoolCreate(
+                name=name, type="process", description=description,
+                base_job_template=ProcessWorker.get_default_base_job_template()))
+            created.append(name)
+    return created
+
+
+def _env(api_url: str, **extra: str) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": api_url, **extra}
+
+
+def deploy_all(api_url: str, prefect_file: Path = PREFECT_FILE,
+               timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
+    """`prefect deploy --all --no-prompt` from the project directory (entrypoints are relative
+    to it); raises RuntimeError with the CLI's output when a deployment is refused."""
+    cmd = [sys.executable, "-m", "prefect", "deploy", "--all", "--no-prompt",
+           "--prefect-file", str(prefect_file)]
+    # COLUMNS: the CLI wraps its table to the terminal; keep error lines whole in logs.
+    done = subprocess.run(cmd, cwd=PROJECT_DIR, env=_env(api_url, COLUMNS="200"),
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise RuntimeError(f"prefect deploy failed ({done.returncode}):\n{done.stdout}\n"
+                           f"{done.stderr}")
+    return done
+
+
+def start_worker(pool: str, api_url: str, *, limit: int | None = None,
+                 project_dir: Path = PROJECT_DIR, log: Path | None = None,
+                 extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`prefect worker start --pool POOL` in its own process group (stop: runtime.stop_process).
+
+    The worker's flow runs inherit its environment: the API URL, and `FSS_PROJECT_DIR` that the
+    `pull` step of prefect.yaml changes into.
+    """
+    cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool,
+           "--type", "process", "--install-policy", "never", "--no-create-pool-if-not-found"]
+    if limit:
+        cmd += ["--limit", str(limit)]
+    env = _env(api_url, **{PROJECT_DIR_ENV: str(project_dir)}, **(extra_env or {}))
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+    try:
+        return subprocess.Popen(cmd, env=env, cwd=project_dir, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    finally:
+        if log:
+            out.close()
+
+
+def deployment_names(api_url: str) -> dict[str, dict[str, Any]]:
+    """`flow/deployment` → pool, schedules (cron, timezone) and parameters, as the API has them."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    out: dict[str, dict[str, Any]] = {}
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), \
+            get_client(sync_client=True) as client:
+        flows = {f.id: f.name for f in client.read_flows()}
+        for d in client.read_deployments():
+            crons = [{"cron": getattr(s.schedule, "cron", None),
+                      "timezone": getattr(s.schedule, "timezone", None), "active": s.active}
+                     for s in d.schedules]
+            out[f"{flows[d.flow_id]}/{d.name}"] = {
+                "id": str(d.id), "work_pool": d.work_pool_name, "schedules": crons,
+                "parameters": d.parameters, "pull_steps": d.pull_steps}
+    return out
+
+
+# --- fss deploy ------------------------------------------------------------------------------
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Pools + deployments, then optionally serve pools with workers until Ctrl-C."""
+    from flows import runtime
+
+    # A temporary server would take the deployments with it: use the configured API or the
+    # persistent `fss server` (started here when none runs).
+    url = os.environ.get("PREFECT_API_URL") or runtime.start_persistent_server()
+    print(f"Prefect API {url}")
+    created = ensure_pools(url)
+    print("work pools: " + ", ".join(f"{p} ({'created' if p in created else 'exists'})"
+                                     for p in POOLS))
+    t0 = time.perf_counter()
+    deploy_all(url, Path(args.prefect_file).resolve())
+    deployments = deployment_names(url)
+    print(f"{len(deployments)} deployments ({time.perf_counter() - t0:.0f} s):")
+    for name, d in sorted(deployments.items()):
+        when = ", ".join(f"cron '{s['cron']}' {s['timezone']}" for s in d["schedules"]) or "-"
+        print(f"  {name:<36} pool {d['work_pool']:<8} schedule {when}")
+    if not args.worker:
+        print("start workers: fss deploy --worker fss-cpu (on GPU hosts: --worker fss-gpu), or "
+              f"`prefect worker start --pool POOL` with {PROJECT_DIR_ENV}={PROJECT_DIR} exported")
+        return 0
+    # Workers run in their own process groups: a `kill` of this process must stop them too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    procs: list[subprocess.Popen] = []
+    try:
+        for pool in args.worker:
+            procs.append(start_worker(pool, url, limit=args.limit,
+                                      log=runtime.state_dir() / f"worker-{pool}.log"))
+        print(f"workers for {', '.join(args.worker)} running (logs in {runtime.state_dir()});"
+              " Ctrl-C stops them")
+        while all(p.poll() is None for p in procs):
+            time.sleep(1.0)
+        print("a worker exited; see its log", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for p in procs:
+            runtime.stop_process(p)
+
+
+def add_deploy_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """`fss deploy`: work pools + every deployment of prefect.yaml on the Prefect API."""
+    p = subparsers.add_parser("deploy", help="create work pools and the deployments of "
+                                             "prefect.yaml; optionally start workers")
+    p.add_argument("--prefect-file", default=str(PREFECT_FILE), help="default: %(default)s")
+    p.add_argument("--worker", action="append", choices=sorted(POOLS), default=[],
+                   help="start a worker for this pool and keep it running (repeatable)")
+    p.add_argument("--limit", type=int, help="maximum concurrent flow runs per worker")
+    p.set_defaults(func=cmd_deploy)
+    return p

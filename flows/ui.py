@@ -1,0 +1,122 @@
+"""`fss ui`: the MLflow UI over the project's tracking store, on 127.0.0.1.
+
+Runs `mlflow server` on the same backend `tasks.tracking.tracking_uri()` resolves (SQLite in the
+working folder by default), with new experiments' artifacts in the same `mlartifacts` folder
+the flows write to, so runs logged directly to SQLite and runs seen through the UI agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from flows.runtime import state_dir, stop_process
+
+DEFAULT_PORT = 5000
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def ui_healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def start_mlflow_ui(uri: str | None = None, port: int | None = DEFAULT_PORT, *,
+                    host: str = "127.0.0.1", artifacts: str | Path | None = None,
+                    wait_s: float = 120.0, log: Path | None = None,
+                    ) -> tuple[subprocess.Popen, str]:
+    """Start `mlflow server` for a database-backed tracking URI; returns (process, UI URL)
+    once its /health answers. `port=None` or 0 picks a free port. Stop with
+    `flows.runtime.stop_process` (the server and its workers share one process group)."""
+    from tasks.tracking import DEFAULT_ARTIFACTS, tracking_uri
+
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://", "databricks")):
+        raise ValueError(f"{uri} is a tracking server already: open it in a browser")
+    if not port:
+        port = _free_port(host)
+    elif not _port_free(host, port):
+        raise ValueError(f"port {port} on {host} is in use (an MLflow UI already running?); "
+                         "choose another with --port, or --port 0 for any free one")
+    artifact_root = Path(artifacts or DEFAULT_ARTIFACTS).resolve().as_uri()
+    url = f"http://{host}:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+           "--default-artifact-root", artifact_root,
+           # Artifacts live in a local folder both sides can read: no upload proxy needed.
+           "--no-serve-artifacts", "--host", host, "--port", str(port), "--workers", "1"]
+    out = open(log or state_dir() / "mlflow-ui.log", "ab")  # noqa: SIM115 - owned by child
+    try:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        out.close()
+    deadline = time.monotonic() + wait_s
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {proc.returncode}; "
+                                   f"see {out.name}")
+            if ui_healthy(url):
+                return proc, url
+            time.sleep(0.3)
+        raise RuntimeError(f"mlflow server did not answer on {url} within {wait_s:.0f} s; "
+                           f"see {out.name}")
+    except BaseException:  # also Ctrl-C while waiting: never leave the server behind
+        stop_process(proc)
+        raise
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Serve the MLflow UI until Ctrl-C."""
+    from tasks.tracking import tracking_uri
+
+    uri = args.backend_store_uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        print(f"MLFLOW_TRACKING_URI points at a tracking server: its UI is {uri}")
+        return 0
+    # The server runs in its own process group, so a `kill` of this process must stop it too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    proc, url = start_mlflow_ui(uri, args.port)
+    print(f"MLflow UI at {url}  (tracking {uri}); Ctrl-C stops it")
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_process(proc)
+
+
+def add_ui_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """`fss ui`: the MLflow UI for the tracking store on 127.0.0.1."""
+    p = subparsers.add_parser("ui", help="serve the MLflow UI for the tracking store "
+                                         "(127.0.0.1) until Ctrl-C")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help="default: %(default)s; 0 picks a free port")
+    p.add_argument("--backend-store-uri",
+                   help="default: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
+    p.set_defaults(func=cmd_ui)
+    return p

@@ -1,0 +1,154 @@
+"""`fss ui` for real: a tiny ablation in SQLite, `mlflow server` on 127.0.0.1, and the runs seen
+in headless Chromium (Selenium + the distribution's chromedriver; no browser download)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import socket
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.deployments import ablation_deployment
+from flows.runtime import prefect_api, stop_process
+from flows.ui import add_ui_parser, start_mlflow_ui
+
+CHROMIUM = Path(os.environ.get("FSS_CHROMIUM", "/usr/bin/chromium"))
+CHROMEDRIVER = Path(os.environ.get("FSS_CHROMEDRIVER", "/usr/bin/chromedriver"))
+STUDY, EXPERIMENT = "ui-tiny", "ui-ablation"
+# Chromium in a container, as root, offline: no sandbox, GPU, QUIC or background fetches.
+CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", "--disable-dev-shm-usage", "--window-size=1600,1000"]
+
+
+def _browser_missing() -> str | None:
+    """Why the browser test cannot run here, or None (checked at collection: a skip is free)."""
+    if importlib.util.find_spec("selenium") is None:
+        return "selenium is not installed (pip install -e '.[dev]')"
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        return (f"no headless browser: {', '.join(missing)} missing "
+                "(apt-get install chromium chromium-driver)")
+    return None
+
+
+BROWSER_MISSING = _browser_missing()
+
+
+def _study(store: str, out: Path) -> dict:
+    return {
+        "study": STUDY, "experiment": EXPERIMENT,
+        "base": {"store": store, "dataset": "synth", "fold": 0, "steps": 2, "batch_size": 2,
+                 "checkpoint_every": 2, "val_every": 2, "val_episodes": 2, "test_episodes": 4,
+                 "test_shots": [1], "min_pixels": 64, "out_dir": str(out / "runs"),
+                 "model_args": {"embed_dim": 16, "global_dim": 32, "local_dim": 16}},
+        "grid": {"model": ["metasegnet"], "budget": [0.5, 1.0], "seed": [0]},
+    }
+
+
+def _api(url: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r)
+
+
+def test_ui_parser_and_busy_port(tmp_path: Path) -> None:
+    p = argparse.ArgumentParser()
+    add_ui_parser(p.add_subparsers())
+    assert p.parse_args(["ui"]).port == 5000
+    assert p.parse_args(["ui", "--port", "0"]).port == 0
+    with socket.socket() as s:  # a port that is taken: a clear message, no server started
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(ValueError, match="in use"):
+            start_mlflow_ui(f"sqlite:///{tmp_path / 'm.db'}", s.getsockname()[1])
+    with pytest.raises(ValueError, match="tracking server"):
+        start_mlflow_ui("http://127.0.0.1:5000", 0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BROWSER_MISSING is not None, reason=BROWSER_MISSING or "")
+def test_ablation_parent_and_children_in_the_mlflow_ui(
+        tiny_store: str, tmp_path: Path, prefect_api_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # mlartifacts/ of tasks.tracking lands here
+    study = tmp_path / "ablation-ui.yaml"
+    study.write_text(yaml.safe_dump(_study(tiny_store, tmp_path)))
+    with prefect_api():  # the nightly deployment's entrypoint: a study file, run_ablation
+        out = ablation_deployment(config_path=str(study), out_dir=str(tmp_path / "reports"))
+    assert out["trained"] == 2 and not out["failed"]
+    parent_id = out["parent_run_id"]
+
+    proc, url = start_mlflow_ui(uri, 0, log=tmp_path / "mlflow-ui.log")
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for arg in [*CHROME_ARGS, f"--user-data-dir={tmp_path / 'chrome-profile'}"]:
+        options.add_argument(arg)
+    driver = None
+    try:
+        # The server's REST API first: what the page must show.
+        name = urllib.parse.quote(EXPERIMENT)
+        exp = _api(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={name}")
+        exp_id = exp["experiment"]["experiment_id"]
+        runs = _api(f"{url}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})
+        children = sorted(r["info"]["run_name"] for r in runs["runs"]
+                          if r["info"]["run_id"] != parent_id)
+        assert len(children) == 2 and all(c.startswith("metasegnet-") for c in children)
+
+        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+        wait = WebDriverWait(driver, 90)
+
+        def body() -> str:
+            return driver.find_element(By.TAG_NAME, "body").text
+
+        # MLflow 3 opens experiments in its GenAI view: ask for the model-training one.
+        driver.get(f"{url}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
+        wait.until(lambda _: f"ablation {STUDY}" in body())
+        # Child runs are folded under their parent: unfold it with the row's expander button.
+        row = driver.find_element(By.CSS_SELECTOR, f"div[role=row][row-id='{parent_id}']")
+        row.find_elements(By.TAG_NAME, "button")[0].click()
+        wait.until(lambda _: all(c in body() for c in children))
+        shot = tmp_path / "mlflow-ui-runs.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        text = body()
+        assert f"ablation {STUDY}" in text and "3 matching runs" in text
+
+        # The parent's summary artifacts come from the same mlartifacts folder.
+        driver.get(f"{url}/#/experiments/{exp_id}/runs/{parent_id}/artifacts"
+                   "?workflowType=machine_learning")
+        wait.until(lambda _: "summary" in body())
+        driver.find_element(By.XPATH, "//*[normalize-space(text())='summary']").click()
+        wait.until(lambda _: "miou_vs_budget.png" in body())
+        big_images = ("return [...document.images].filter(i => i.complete && "
+                      "i.naturalWidth > 300 && i.naturalHeight > 200).length")
+        before = driver.execute_script(big_images)
+        driver.find_element(By.XPATH, "//*[normalize-space(text())='miou_vs_budget.png']").click()
+        # The preview is the plot itself (a blob: URL), which the server read from the file://
+        # artifact folder.
+        wait.until(lambda _: driver.execute_script(big_images) > before)
+        driver.save_screenshot(str(tmp_path / "mlflow-ui-artifacts.png"))
+    except Exception:
+        if driver is not None:
+            driver.save_screenshot(str(tmp_path / "mlflow-ui-failure.png"))
+        print((tmp_path / "mlflow-ui.log").read_text()[-4000:])
+        raise
+    finally:
+        if driver is not None:
+            driver.quit()
+        stop_process(proc)
