@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (DatasetError, StoreError, ValueError, FileNotFoundError) as exc:
+    except (DatasetError, StoreError, ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"fss: error: {exc}", file=sys.stderr)
         return 2
 
