@@ -1,0 +1,373 @@
+"""Ingest and episode-read benchmarks. Prints ratios of variants measured side by side.
+
+    .venv/bin/python benchmarks/ingest.py [--images 2000] [--repeats 3] [--parts abc]
+
+(a) ingest scaling: the real Prefect flow on 1 and 2 Dask workers vs a bare one-process
+    decode + resize loop over the same files; (b) random 1-way 1-shot episode reads from the
+    store (cold and warm shard cache) vs per-episode PIL loading; (c) peak RSS of the shard
+    ingest path at N and 4N images. Variants are interleaved and each figure is the median of
+    --repeats runs, because the box is shared and timings are noisy: read the ratios.
+Generated data, stores and Prefect state live under --workdir (it git-ignores itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import psutil
+from PIL import Image
+
+from tasks import ingest, store
+from tasks.readers import Item, Reader, make_reader
+
+NAME = "bench"
+SPLITS = ["train", "val"]
+CORES = len(os.sched_getaffinity(0))
+
+
+def table(title: str, headers: list[str], rows: list[list[object]]) -> None:
+    cells = [headers, *[[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    print(f"\n## {title}\n")
+    for k, r in enumerate(cells):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+        if k == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+def synth_voc(workdir: Path, n: int, size: int, seed: int) -> Path:
+    """The synthetic benchmark (n images, 20 % val) in VOC layout, generated once and cached."""
+    from tasks.synth import synthesize
+
+    root = workdir / f"synth-{n}-{size}-s{seed}"
+    t0 = time.perf_counter()
+    synthesize(root, n_train=n - n // 5, n_val=n // 5, size=size, seed=seed, progress=True)
+    print(f"synthetic data: {root} ({time.perf_counter() - t0:.1f} s)")
+    return root / "voc"
+
+
+def replicate(voc: Path, out: Path, times: int) -> Path:
+    """A VOC folder of `times` x the items of `voc`, hard-linked under new stems, one split."""
+    items = [i for s in SPLITS for i in make_reader("voc", voc, s).list_items()]
+    listing = out / "ImageSets" / "Segmentation" / "train.txt"
+    if listing.exists() and len(listing.read_text().split()) == len(items) * times:
+        return out
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    stems = []
+    for k in range(times):
+        for item in items:
+            stem = f"r{k}_{item.id}"
+            for src, dst in ((item.image_path, out / "JPEGImages" / f"{stem}.jpg"),
+                             (str(item.label), out / "SegmentationClass" / f"{stem}.png")):
+                if not dst.exists():
+                    try:
+                        os.link(src, dst)
+                    except OSError:
+                        os.symlink(os.path.abspath(src), dst)
+            stems.append(stem)
+    listing.write_text("\n".join(stems) + "\n")
+    return out
+
+
+def voc_readers(voc: Path, splits: list[str]) -> list[Reader]:
+    return [make_reader("voc", voc, s) for s in splits]
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, its reaped children (Dask workers) and the Prefect server."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "server" in p.cmdline():  # started by prefect_api() unless PREFECT_API_URL is set
+                total += sum(p.cpu_times()[:2])
+    return total
+
+
+def bare_loop(items: list[Item], reader_of: dict[str, Reader], size: int) -> None:
+    """Decode + resize every item in this process, with no store and no framework."""
+    for item in items:
+        image, mask = reader_of[item.split].load(item)
+        ingest.resize_pair(image, mask, size)
+
+
+class Watcher(threading.Thread):
+    """Polls the store's finished-shard flags and the RSS of spawned (Dask worker) processes."""
+
+    def __init__(self, url: str, version: str, every: float = 0.25):
+        super().__init__(daemon=True)
+        self.url, self.version, self.every = url, version, every
+        self.t0 = time.perf_counter()
+        self.samples: list[tuple[float, int]] = []  # (seconds since t0, shards done)
+        self.worker_rss = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        me = psutil.Process()
+        while not self.stop.wait(self.every):
+            try:
+                done = len(store.done_shards(self.url, NAME, self.version))
+            except Exception:  # noqa: BLE001 - not created yet
+                done = 0
+            self.samples.append((time.perf_counter() - self.t0, done))
+            for p in me.children(recursive=True):
+                try:
+                    if "spawn_main" in " ".join(p.cmdline()):
+                        self.worker_rss = max(self.worker_rss, p.memory_info().rss)
+                except psutil.Error:
+                    pass
+
+
+def timed_flow(workers: int, voc: Path, url: str, version: str, n_shards: int,
+               args: argparse.Namespace) -> dict[str, float]:
+    from flows.ingest import run_ingest
+
+    shutil.rmtree(url, ignore_errors=True)
+    cpu = cpu_seconds()
+    watch = Watcher(url, version)
+    watch.start()
+    summary = run_ingest(workers=workers, source="voc", root=str(voc), store_url=url, name=NAME,
+                         splits=SPLITS, size=args.size, shard_size=args.shard_size,
+                         progress=False)
+    total = time.perf_counter() - watch.t0
+    watch.stop.set()
+    watch.join()
+    cpu = cpu_seconds() - cpu
+    assert summary["complete"] and summary["ingested"] == summary["listed"], summary
+    seen = [(t, d) for t, d in watch.samples if d > 0] or [(total, n_shards)]
+    t_first, d_first = seen[0]
+    last = next((s for s in seen if s[1] == n_shards), (total, n_shards))
+    steady = (last[1] - d_first) * args.shard_size / max(last[0] - t_first, 1e-9)
+    return {"total": total, "first": t_first, "tail": total - last[0], "steady": steady,
+            "cpu": cpu, "worker_rss": watch.worker_rss / 2**20}
+
+
+def measure(fn: Callable[[], object]) -> dict[str, float]:
+    cpu, t0 = cpu_seconds(), time.perf_counter()
+    fn()
+    return {"total": time.perf_counter() - t0, "cpu": cpu_seconds() - cpu}
+
+
+def part_a(args: argparse.Namespace, voc: Path) -> dict[str, float]:
+    from flows.runtime import prefect_api
+
+    readers = voc_readers(voc, SPLITS)
+    plan = ingest.plan_ingest(readers, NAME, size=args.size, shard_size=args.shard_size)
+    n, version = len(plan.items), plan.spec.version
+    stores = args.workdir / "stores"
+    serial_url = str(stores / "serial.zarr")
+    runs: dict[str, list[dict[str, float]]] = {"bare": [], "serial": [], "1": [], "2": []}
+    t0 = time.perf_counter()
+    with prefect_api():
+        server_s = time.perf_counter() - t0
+        for rep in range(args.repeats):  # interleaved: each repeat runs every variant once
+            runs["bare"].append(measure(lambda: bare_loop(plan.items, plan.readers, args.size)))
+            shutil.rmtree(serial_url, ignore_errors=True)
+            runs["serial"].append(measure(
+                lambda: serial_ingest(voc, serial_url, args.size, args.shard_size, SPLITS)))
+            for w in (1, 2):
+                runs[str(w)].append(timed_flow(w, voc, str(stores / f"flow{w}.zarr"), version,
+                                               plan.spec.n_shards, args))
+            print(f"  repeat {rep + 1}/{args.repeats}: " + ", ".join(
+                f"{k} {n / r[-1]['total']:.0f} img/s" for k, r in runs.items()), flush=True)
+    for leftover in ("serial.zarr", "flow1.zarr"):  # flow2.zarr is kept for part (b)
+        shutil.rmtree(stores / leftover, ignore_errors=True)
+    med = {k: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for k, rs in runs.items()}
+    b, b_cpu = n / med["bare"]["total"], med["bare"]["cpu"]
+    labels = {"bare": "bare loop: load + resize, 1 process",
+              "serial": "shard fn: + store write, 1 process",
+              "1": "flow, 1 Dask worker", "2": "flow, 2 Dask workers"}
+    rows: list[list[object]] = []
+    for k, m in med.items():
+        flow = k in ("1", "2")
+        rows.append([labels[k], n / m["total"], n / m["total"] / b, 1e3 * m["cpu"] / n,
+                     b_cpu / m["cpu"] * CORES,
+                     m["first"] if flow else "-", m["tail"] if flow else "-",
+                     m["steady"] if flow else "-", m["steady"] / b if flow else "-"])
+    table(f"(a) ingest scaling: {n} images at {args.size} px, shards of {args.shard_size}, "
+          f"median of {args.repeats}",
+          ["variant", "img/s", "x bare", "CPU ms/img", f"x bare bound, {CORES} cores",
+           "s to 1st shard", "s tail", "img/s steady", "x bare steady"], rows)
+    print(f"\nCPU ms/img: all processes (this one, Dask workers, the Prefect server). 'bound' = "
+          f"{CORES} x bare CPU / variant CPU, the best ratio its CPU cost allows.\n's to 1st "
+          "shard': start-up (cluster, flow, one shard); 'steady': images of the shards finished "
+          "after the first / time\nfrom the first to the last; 'tail': last shard -> flow "
+          f"returned. Prefect server start-up (once, not timed above): {server_s:.1f} s. "
+          f"\nDask worker peak RSS: 1 worker {med['1']['worker_rss']:.0f} MiB, 2 workers "
+          f"{med['2']['worker_rss']:.0f} MiB.")
+    two = med["2"]
+    return {"e2e": n / two["total"] / b, "steady": two["steady"] / b,
+            "bound": b_cpu / two["cpu"] * CORES, "scaling": two["steady"] / med["1"]["steady"]}
+
+
+def serial_ingest(root: Path, url: str, size: int, shard_size: int, splits: list[str]) -> int:
+    """The shard function path of the flow's workers, one shard after another in this process."""
+    plan = ingest.plan_ingest(voc_readers(root, splits), NAME, size=size, shard_size=shard_size)
+    store.create_dataset(url, plan.spec)
+    for k in range(plan.spec.n_shards):
+        ingest.ingest_shard(url, NAME, plan.spec.version, k, plan.shard_items(k), plan.readers,
+                            size)
+    assert store.finalize_dataset(url, NAME, plan.spec.version)["complete"]
+    return len(plan.items)
+
+
+def part_b(args: argparse.Namespace, voc: Path) -> dict[str, float]:
+    url = str(args.workdir / "stores" / "flow2.zarr")  # left by part (a), else made here
+    plan = ingest.plan_ingest(voc_readers(voc, SPLITS), NAME, size=args.size,
+                              shard_size=args.shard_size)
+    try:
+        store.open_dataset(url, NAME, plan.spec.version)
+    except store.StoreError:
+        shutil.rmtree(url, ignore_errors=True)
+        serial_ingest(voc, url, args.size, args.shard_size, SPLITS)
+    items = {i.id: i for i in plan.items}
+    rng = np.random.default_rng(args.seed)
+    ids = store.open_dataset(url, NAME, plan.spec.version).ids
+    episodes = [[ids[j] for j in rng.choice(len(ids), 2, replace=False)]
+                for _ in range(args.episodes)]
+    size = args.size
+
+    def pil(image_id: str) -> None:  # HSNet-style: decode and resize at every episode
+        item = items[image_id]
+        with Image.open(item.image_path) as im:
+            np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+        with Image.open(str(item.label)) as m:
+            np.asarray(m.resize((size, size), Image.Resampling.NEAREST))
+
+    def store_pair(ds: store.Dataset) -> Callable[[str], object]:
+        return lambda image_id: (ds.image(image_id), ds.mask(image_id))
+
+    def run(read: Callable[[str], object]) -> float:
+        t0 = time.perf_counter()
+        for episode in episodes:
+            for image_id in episode:
+                read(image_id)
+        return args.episodes / (time.perf_counter() - t0)
+
+    res: dict[str, list[float]] = {"pil": [], "open": [], "cold": [], "warm": []}
+    for _ in range(args.repeats):
+        res["pil"].append(run(pil))
+        t0 = time.perf_counter()
+        ds = store.open_dataset(url, NAME, plan.spec.version)  # fresh: empty shard cache
+        res["open"].append(time.perf_counter() - t0)
+        res["cold"].append(run(store_pair(ds)))
+        res["warm"].append(run(store_pair(ds)))
+    m = {k: statistics.median(v) for k, v in res.items()}
+    table(f"(b) episode reads: {args.episodes} random 1-way 1-shot episodes (2 images + 2 masks)"
+          f" over {len(ids)} images, seed {args.seed}, median of {args.repeats}",
+          ["variant", "episodes/s", "x PIL"],
+          [["PIL per episode (decode + resize)", m["pil"], 1.0],
+           ["store, cold (fresh Dataset, first pass)", m["cold"], m["cold"] / m["pil"]],
+           ["store, warm (shard cache populated)", m["warm"], m["warm"] / m["pil"]]])
+    print(f"\nopen_dataset (index load) took {m['open'] * 1e3:.0f} ms, not in 'cold'.")
+    return {"cold": m["cold"] / m["pil"], "warm": m["warm"] / m["pil"]}
+
+
+def part_c(args: argparse.Namespace, voc: Path) -> dict[str, float]:
+    peaks = {}
+    for times in (1, args.mem_factor):
+        root = replicate(voc, args.workdir / f"voc-x{times}", times)
+        url = str(args.workdir / "stores" / f"mem-x{times}.zarr")
+        shutil.rmtree(url, ignore_errors=True)
+        cmd = [sys.executable, __file__, "--child-ingest", str(root), "--child-store", url,
+               "--size", str(args.size), "--shard-size", str(args.shard_size)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        peaks[times] = json.loads(out.strip().splitlines()[-1])
+        shutil.rmtree(url, ignore_errors=True)
+    small, big = peaks[1], peaks[args.mem_factor]
+    table("(c) peak RSS of the shard ingest path (one subprocess per size, serial shards)",
+          ["images", "seconds", "RSS after imports MiB", "peak RSS MiB", "peak - imports MiB"],
+          [[p["n"], p["seconds"], p["base"], p["peak"], p["peak"] - p["base"]]
+           for p in (small, big)])
+    ratio = big["peak"] / small["peak"]
+    growth = (big["peak"] - big["base"]) / (small["peak"] - small["base"])
+    print(f"\npeak RSS {big['n']} vs {small['n']} images: {ratio:.2f}x "
+          f"(growth above imports {growth:.2f}x)")
+    return {"ratio": ratio, "n_small": small["n"], "n_big": big["n"]}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS. Not getrusage: its ru_maxrss (and RUSAGE_CHILDREN's) counts the
+    parent's RSS at fork/exec, which here is the benchmark's own shard caches."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024  # kB
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def child_ingest(root: Path, url: str, size: int, shard_size: int) -> None:
+    base = psutil.Process().memory_info().rss / 2**20
+    t0 = time.perf_counter()
+    n = serial_ingest(root, url, size, shard_size, ["train"])
+    peak = peak_rss_mib()
+    print(json.dumps({"n": n, "seconds": time.perf_counter() - t0, "base": base, "peak": peak}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=2000, help="synthetic images (20 %% val)")
+    p.add_argument("--size", type=int, default=144, help="canonical size and synthetic size")
+    p.add_argument("--shard-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--episodes", type=int, default=500)
+    p.add_argument("--mem-factor", type=int, default=4, help="(c) compares N and N x this")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parts", default="abc", help="which parts to run, e.g. 'ab'")
+    p.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / ".work")
+    p.add_argument("--child-ingest", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--child-store", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child_ingest:
+        return child_ingest(args.child_ingest, args.child_store, args.size, args.shard_size)
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    (args.workdir / ".gitignore").write_text("*\n")
+    os.environ.setdefault("FSS_HOME", str(args.workdir / "fss"))  # Prefect server DB and log
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # inherited by Dask workers
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    print(f"$ {Path(sys.executable).name} benchmarks/ingest.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} cores "
+          f"({len(os.sched_getaffinity(0))} usable), {psutil.virtual_memory().total / 2**30:.0f}"
+          f" GiB, load average {os.getloadavg()[0]:.1f}; Python {platform.python_version()}")
+    voc = synth_voc(args.workdir, args.images, args.size, args.seed)
+    a = part_a(args, voc) if "a" in args.parts else None
+    b = part_b(args, voc) if "b" in args.parts else None
+    c = part_c(args, voc) if "c" in args.parts else None
+
+    print(f"\n## Summary ({args.images} images at {args.size} px, {os.cpu_count()} cores, load "
+          f"average {os.getloadavg()[0]:.1f} at the end)\n")
+    print("| benchmark | measured | goal |\n| --- | --- | --- |")
+    if a:
+        print(f"| ingest flow, 2 workers vs bare 1-process loop (end-to-end / steady state) | "
+              f"{a['e2e']:.2f}x / {a['steady']:.2f}x | >= 1.6x |")
+        print(f"| ingest flow, 2 workers vs bare: bound from CPU cost on {CORES} cores | "
+              f"{a['bound']:.2f}x | >= 1.6x |")
+        print(f"| ingest flow, 2 vs 1 worker (steady state) | {a['scaling']:.2f}x | ~2x |")
+    if b:
+        print(f"| episode reads, store vs PIL (cold / warm cache) | {b['cold']:.2f}x / "
+              f"{b['warm']:.1f}x | >= 3x |")
+    if c:
+        print(f"| ingest peak RSS, {c['n_big']} vs {c['n_small']} images | {c['ratio']:.2f}x | "
+              "~1.0x (flat) |")
+
+
+if __name__ == "__main__":
+    main()
