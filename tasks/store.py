@@ -34,6 +34,7 @@ overwriting the old one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -311,7 +312,6 @@ class Dataset:
                ("id", "split", "source_path", "status", "reason", "height", "width")}
         self.index = pd.DataFrame({k: np.asarray(v) for k, v in idx.items()})
         self.index["id"] = self.index["id"].astype(str)
-        self.class_pixels: np.ndarray = group["index/class_pixels"][:]
         ok = self.index["status"].to_numpy() == INGESTED
         self._rows = np.flatnonzero(ok)
         self.ids: list[str] = self.index["id"].to_numpy()[ok].tolist()
@@ -326,6 +326,12 @@ class Dataset:
     def __repr__(self) -> str:
         return (f"Dataset({self.name!r}, version={self.version!r}, images={len(self)}, "
                 f"classes={len(self.classes) - 1}, size={self.size})")
+
+    @functools.cached_property
+    def class_pixels(self) -> np.ndarray:
+        """(rows, classes) pixel counts at original resolution: label statistics, so read only
+        when asked for (label-free stages open datasets too)."""
+        return self.group["index/class_pixels"][:]
 
     @property
     def quarantine(self) -> pd.DataFrame:

@@ -51,6 +51,7 @@ def no_labels(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for name in ("mask", "original_mask", "pixels"):
         monkeypatch.setattr(store.Dataset, name, refuse)
+    monkeypatch.setattr(store.Dataset, "class_pixels", property(refuse))
     read_shard = store.Dataset._read_shard
 
     def guarded(self, key, shard):
