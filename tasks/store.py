@@ -376,6 +376,62 @@ class Dataset:
         return self._read("original_masks", image_id)[:h, :w].copy()
 
 
+class LabelAccessError(AttributeError):
+    """Pretraining asked for something label-bearing (masks, class pixel counts, the index)."""
+
+
+class UnlabelledImages:
+    """The images of one dataset version, with ids and splits, and no way to reach a label.
+
+    Label-free stages (self-supervised pretraining) read through this view.
+
+    Only ``ids``, ``split_ids``, ``image``, ``name``, ``version`` and ``size`` exist; any other
+    attribute (``mask``, ``original_mask``, ``pixels``, ``class_pixels``, ``index``, ...) raises
+    `LabelAccessError`. Opens the arrays ``images`` and ``index/{id,split,status}`` only.
+    """
+
+    def __init__(self, store_url: str, name: str, version: str | None = None, *,
+                 cache_bytes: int = 1 << 30) -> None:
+        root = _root(store_url, mode="r")
+        path = f"{DATASETS}/{validate_name(name)}"
+        if path not in root:
+            raise StoreError(f"no dataset {name!r} in {store_url}")
+        version = version or root[path].attrs.get("latest")
+        if version is None:
+            raise StoreError(f"dataset {name!r} has no completed version yet")
+        if f"{path}/{version}" not in root:
+            raise StoreError(f"dataset {name!r} has no version {version!r}")
+        group = root[f"{path}/{version}"]
+        self.name, self.version = name, version
+        self.size = int(group.attrs["size"])
+        self._shard_size = int(group.attrs["shard_size"])
+        self._images = group["images"]
+        ok = group["index/status"][:] == INGESTED
+        rows = np.flatnonzero(ok)
+        self.ids: list[str] = [str(i) for i in group["index/id"][:][ok]]
+        self._split = {i: str(s) for i, s in zip(self.ids, group["index/split"][:][ok],
+                                                  strict=True)}
+        self._row = dict(zip(self.ids, rows.tolist(), strict=True))
+        self._cache = _ShardCache(cache_bytes)
+
+    def __getattr__(self, name: str) -> Any:
+        raise LabelAccessError(f"pretraining sees no labels: {type(self).__name__} has no {name!r}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def split_ids(self, split: str) -> list[str]:
+        return [i for i in self.ids if self._split[i] == split]
+
+    def image(self, image_id: str) -> np.ndarray:
+        """(S, S, 3) uint8; whole shards are read and cached (see `tasks._ShardCache`)."""
+        shard, offset = divmod(self._row[image_id], self._shard_size)
+        start = shard * self._shard_size
+        stop = min(start + self._shard_size, self._images.shape[0])
+        block = self._cache.get(("images", shard), lambda: self._images[start:stop])
+        return block[offset].copy()
+
+
 def open_dataset(store_url: str, name: str, version: str | None = None, *,
                  cache_bytes: int = 1 << 30, storage_options: dict | None = None) -> Dataset:
     """Open a dataset (its latest complete version unless one is named)."""

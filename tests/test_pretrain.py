@@ -186,7 +186,9 @@ def test_pretraining_reads_no_label(tiny_store: str, tmp_path: Path,
     # Only training images are seen.
     ds = store.open_dataset(tiny_store, "synth")
     assert read_ids and set(read_ids) <= set(ds.split_ids("train"))
-    # The spy does see label reads when they happen (store.Dataset reads class pixels on open).
+    # The spy does see label reads when they happen (the class pixel counts, read on demand).
+    assert not any("/index/class_pixels/" in k for k in keys)
+    assert ds.class_pixels.shape[0] == len(ds.index)
     assert any("/index/class_pixels/" in k for k in keys)
 
     view = UnlabelledImages(tiny_store, "synth")
