@@ -31,13 +31,14 @@ def state_dir() -> Path:
     return path
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
 def api_healthy(url: str, timeout: float = 2.0) -> bool:
+    """True when `<url>/health` answers 200 (Prefect's API and MLflow's server both have it)."""
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as r:
             return r.status == 200
@@ -52,7 +53,7 @@ def _server_file() -> Path:
 def start_server(*, host: str = "127.0.0.1", port: int | None = None, ui: bool = True,
                  wait_s: float = 90.0, log: Path | None = None) -> tuple[subprocess.Popen, str]:
     """Start `prefect server start` in a new process group and wait until its API answers."""
-    port = port or _free_port(host)
+    port = port or free_port(host)
     url = f"http://{host}:{port}/api"
     home = state_dir() / "prefect"
     home.mkdir(exist_ok=True)

@@ -13,11 +13,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from flows.runtime import state_dir, stop_process
+from flows.runtime import api_healthy, free_port, state_dir, stop_process
 
 DEFAULT_PORT = 5000
 
@@ -29,20 +28,6 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def ui_healthy(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def start_mlflow_ui(uri: str | None = None, port: int | None = DEFAULT_PORT, *,
@@ -58,7 +43,7 @@ def start_mlflow_ui(uri: str | None = None, port: int | None = DEFAULT_PORT, *,
     if uri.startswith(("http://", "https://", "databricks")):
         raise ValueError(f"{uri} is a tracking server already: open it in a browser")
     if not port:
-        port = _free_port(host)
+        port = free_port(host)
     elif not _port_free(host, port):
         raise ValueError(f"port {port} on {host} is in use (an MLflow UI already running?); "
                          "choose another with --port, or --port 0 for any free one")
@@ -80,7 +65,7 @@ def start_mlflow_ui(uri: str | None = None, port: int | None = DEFAULT_PORT, *,
             if proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited with {proc.returncode}; "
                                    f"see {out.name}")
-            if ui_healthy(url):
+            if api_healthy(url):
                 return proc, url
             time.sleep(0.3)
         raise RuntimeError(f"mlflow server did not answer on {url} within {wait_s:.0f} s; "

@@ -392,16 +392,8 @@ class UnlabelledImages:
 
     def __init__(self, store_url: str, name: str, version: str | None = None, *,
                  cache_bytes: int = 1 << 30) -> None:
-        root = _root(store_url, mode="r")
-        path = f"{DATASETS}/{validate_name(name)}"
-        if path not in root:
-            raise StoreError(f"no dataset {name!r} in {store_url}")
-        version = version or root[path].attrs.get("latest")
-        if version is None:
-            raise StoreError(f"dataset {name!r} has no completed version yet")
-        if f"{path}/{version}" not in root:
-            raise StoreError(f"dataset {name!r} has no version {version!r}")
-        group = root[f"{path}/{version}"]
+        version = resolve_version(store_url, name, version)
+        group = _root(store_url, mode="r")[_version_path(name, version)]
         self.name, self.version = name, version
         self.size = int(group.attrs["size"])
         self._shard_size = int(group.attrs["shard_size"])

@@ -21,25 +21,12 @@ from models.dense_ssl import (
     make_views,
     sample_crops,
 )
-from tasks import ingest, store
+from tasks import store
 from tasks.pretrain import LabelAccessError, UnlabelledImages, pretrain
-from tasks.readers import make_reader
 
 EYE = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 LABEL_ARRAYS = ("/masks/", "/original_masks/", "/index/class_pixels/")
 
-
-@pytest.fixture(scope="module")
-def tiny_store(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    url = str(tmp_path_factory.mktemp("pretrain-store") / "s.zarr")
-    readers = [make_reader("voc", synth_root / "voc", s) for s in ("train", "val")]
-    plan = ingest.plan_ingest(readers, "synth", size=64, shard_size=32)
-    store.create_dataset(url, plan.spec)
-    for k in range(plan.spec.n_shards):
-        ingest.ingest_shard(url, "synth", plan.spec.version, k, plan.shard_items(k),
-                            plan.readers, 64)
-    store.finalize_dataset(url, "synth", plan.spec.version)
-    return url
 
 
 TINY = dict(steps=4, batch_size=4, lr=1e-3, seed=1, image_size=32, checkpoint_every=2,
