@@ -47,6 +47,8 @@ def demo_study(store_url: str, backbone: str, out_dir: str, quick: bool) -> tupl
 
 
 def run_demo(workdir: Path, *, quick: bool = False, workers: int = 2) -> int:
+    import torch
+
     from flows.ablate import run_ablation
     from flows.cli import print_ingest_summary, ui_hint
     from flows.ingest import run_ingest
@@ -56,6 +58,9 @@ def run_demo(workdir: Path, *, quick: bool = False, workers: int = 2) -> int:
     from tasks.synth import synthesize
 
     sizes = QUICK if quick else FULL
+    # One torch thread in this process, like the Dask workers: on a small shared machine two
+    # threads spin-wait for each other (pretraining measured ~6x slower with 2 threads).
+    torch.set_num_threads(1)
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
