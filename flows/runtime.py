@@ -50,9 +50,22 @@ def _server_file() -> Path:
     return state_dir() / "prefect-server.json"
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, even by SIGKILL (Linux prctl)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_server(*, host: str = "127.0.0.1", port: int | None = None, ui: bool = True,
-                 wait_s: float = 90.0, log: Path | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `prefect server start` in a new process group and wait until its API answers."""
+                 wait_s: float = 90.0, log: Path | None = None,
+                 persistent: bool = False) -> tuple[subprocess.Popen, str]:
+    """Start `prefect server start` in a new process group and wait until its API answers.
+
+    A temporary server (the default) is stopped by the kernel when this process dies, however
+    it dies; a `persistent` one outlives it (`fss server start`).
+    """
     port = port or free_port(host)
     url = f"http://{host}:{port}/api"
     home = state_dir() / "prefect"
@@ -64,7 +77,8 @@ def start_server(*, host: str = "127.0.0.1", port: int | None = None, ui: bool =
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port",
            str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=None if persistent else _die_with_parent)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -104,7 +118,7 @@ def start_persistent_server(*, host: str = "127.0.0.1", port: int = 4200) -> str
     url = recorded_server()
     if url:
         return url
-    proc, url = start_server(host=host, port=port)
+    proc, url = start_server(host=host, port=port, persistent=True)
     _server_file().write_text(json.dumps({"url": url, "pid": proc.pid}))
     return url
 

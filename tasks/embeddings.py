@@ -11,6 +11,8 @@ after it and workers can rebuild it:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -53,7 +55,12 @@ class Embedder:
 
 
 def _backbone_embedder(spec: dict[str, Any]) -> Embedder:
-    backbone = build_backbone(spec.get("backbone", "small_resnet"))
+    # Without a checkpoint the weights are random: seed them from the spec, so every worker
+    # process builds the same network (else one features array would mix several).
+    seed = int(hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8], 16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone = build_backbone(spec.get("backbone", "small_resnet"))
     if spec.get("checkpoint"):
         load_checkpoint(backbone, spec["checkpoint"], prefix=spec.get("prefix"))
     layer = spec.get("layer", "layer4")

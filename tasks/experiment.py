@@ -73,7 +73,8 @@ def run_point(cfg: TrainConfig, *, parent_run_id: str | None = None,
             "data.fingerprint": ds.fingerprint, "code.version": code_version()})
         (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": cfg.to_dict()}))
         if cfg.budget > 0 or cfg.pseudo:
-            fit = train(cfg, run_dir, on_metrics=tracker.log_metrics, progress=progress)
+            fit = train(cfg, run_dir, on_metrics=tracker.log_metrics,
+                        on_checkpoint=tracker.flush, progress=progress)
         else:  # no labels and no pseudo tasks: the model as initialised is the point
             fit = save_initial(cfg, run_dir)
         model = build_model(cfg)

@@ -284,11 +284,13 @@ def episode_stream(cfg: TrainConfig, step: int) -> str:
 
 
 def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = None,
-          progress: bool = True, stop_after: int | None = None) -> TrainResult:
+          on_checkpoint: Callable[[], None] | None = None, progress: bool = True,
+          stop_after: int | None = None) -> TrainResult:
     """Train (or resume) a run in `run_dir`; returns when all `total_steps(cfg)` are done.
 
-    `stop_after` ends the process of training early after that many steps in this call (used
-    by tests to simulate a crash at a known point).
+    `on_checkpoint` runs after each checkpoint (the tracker flushes its metrics there, so a
+    resumed run has no gap). `stop_after` ends this call after that many steps (tests
+    simulate a crash at a known point with it).
     """
     t0 = time.perf_counter()
     if cfg.threads:
@@ -353,6 +355,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
                 save_checkpoint(best_path, {"model": model.state_dict(), "step": step,
                                             "config": cfg.to_dict()})
         if step % cfg.checkpoint_every == 0 or step == total:
+            if on_checkpoint is not None:  # before the file: metrics up to it survive a crash
+                on_checkpoint()
             save_checkpoint(last_path, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "step": step,
