@@ -36,8 +36,9 @@ deploy: $(STAMP)
 worker-cpu: $(STAMP)
 	$(BIN)/fss deploy --worker fss-cpu
 
+# The MLflow UI on the demo's runs (127.0.0.1:5000).
 mlflow-ui: $(STAMP)
-	$(BIN)/fss ui
+	$(BIN)/fss ui --backend-store-uri sqlite:///$(CURDIR)/demo/mlflow.db
 
 clean:
 	rm -rf demo .fss .pytest_cache .ruff_cache

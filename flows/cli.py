@@ -167,8 +167,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def ui_hint() -> str:
     from tasks.tracking import tracking_uri
 
-    return (f"compare runs: mlflow ui --backend-store-uri {tracking_uri()} "
-            "--host 127.0.0.1 --port 5000   (or: fss ui)")
+    return (f"compare runs in the MLflow UI: fss ui --backend-store-uri {tracking_uri()}\n"
+            "  then open http://127.0.0.1:5000")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
