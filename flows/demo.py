@@ -21,7 +21,7 @@ STUDY = Path(__file__).resolve().parents[1] / "configs" / "ablation-synthetic.ya
 QUICK = {"n_train": 96, "n_val": 48, "pretrain_steps": 20, "k": 12,
          "train": ["steps=6", "val_every=6", "checkpoint_every=6", "val_episodes=8",
                    "test_episodes=40", "batch_size=4"], "pseudo_steps": 6}
-FULL = {"n_train": 600, "n_val": 200, "pretrain_steps": 300, "k": 30, "train": [],
+FULL = {"n_train": 600, "n_val": 200, "pretrain_steps": 200, "k": 30, "train": [],
         "pseudo_steps": None}
 
 
