@@ -17,6 +17,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from tasks.readers import VOC_CLASSES, BadItem, DatasetError, Item, make_reader
+from tasks.synth import voc_palette
 
 # pycocotools' compiled decode trips a NumPy 2 deprecation on every call; it is harmless here.
 
@@ -31,24 +32,9 @@ def _noise(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def _voc_palette() -> list[int]:
-    """The official VOC colour map (bit-interleaved), so masks look like the real ones."""
-    palette = []
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for bit in range(8):
-            r |= ((c >> 0) & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
 def _save_palette_png(path: Path, labels: np.ndarray) -> None:
     im = Image.fromarray(labels.astype(np.uint8), mode="P")
-    im.putpalette(_voc_palette())
+    im.putpalette(voc_palette())
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path)
 
