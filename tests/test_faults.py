@@ -467,3 +467,56 @@ def test_killed_ablation_trains_only_the_missing_points(tiny_store: str, tmp_pat
     out = _run(cmd, env, tmp_path, timeout=420)
     assert f"ablation faults: 3 points, {3 - done} trained, {done} already done, 0 failed" in out
     assert len(results()) == 3
+
+
+@pytest.mark.timeout(600)
+def test_pseudo_and_ablation_on_an_external_cluster_match_a_local_cluster(
+        tiny_store: str, tmp_path: Path, prefect_api_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same flows, unchanged, on a LocalCluster and on a real scheduler + workers."""
+    import shutil
+
+    from flows.ablate import run_ablation
+    from flows.pseudo import run_pseudo
+    from flows.runtime import prefect_api
+
+    embedder = _seeded_embedder(tmp_path / "embedder.pth")
+    (tmp_path / "logs").mkdir()
+    stores = {}
+    for where in ("local", "external"):
+        stores[where] = str(tmp_path / f"{where}.zarr")
+        shutil.copytree(tiny_store, stores[where])
+
+    def study(where: str) -> dict[str, Any]:
+        return {"study": "ext", "experiment": f"ext-{where}",
+                "base": {"store": stores[where], "dataset": "synth", "steps": 2,
+                         "batch_size": 2, "checkpoint_every": 2, "val_every": 2,
+                         "val_episodes": 2, "test_episodes": 6, "test_shots": [1],
+                         "min_pixels": 64, "out_dir": str(tmp_path / where / "runs"),
+                         "model_args": {"embed_dim": 16, "global_dim": 32, "local_dim": 16}},
+                "grid": {"model": ["metasegnet"], "budget": [1.0]}}
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    common = dict(name="synth", k=4, sample_size=2000, report=False, progress=False)
+    with prefect_api():
+        pseudo_local = run_pseudo(workers=1, embedder=embedder, store_url=stores["local"],
+                                  **common)
+        ablation_local = run_ablation(study("local"), workers=1, progress=False,
+                                      out_dir=str(tmp_path / "local" / "reports"))
+        with dask_cluster(2, tmp_path / "logs", _env()) as (address, _):
+            pseudo_ext = run_pseudo(dask_address=address, embedder=embedder,
+                                    store_url=stores["external"], **common)
+            ablation_ext = run_ablation(study("external"), dask_address=address,
+                                        progress=False,
+                                        out_dir=str(tmp_path / "external" / "reports"))
+
+    assert pseudo_local["key"] == pseudo_ext["key"] and pseudo_ext["complete"]
+    version = store.resolve_version(stores["local"], "synth")
+    derived = Path("derived") / pseudo_local["key"]
+    assert _checksums(_version_dir(stores["external"], version) / derived) == _checksums(
+        _version_dir(stores["local"], version) / derived)
+    assert ablation_local["failed"] == ablation_ext["failed"] == []
+    assert ablation_ext["trained"] == 1
+    row = [line for line in ablation_local["table"].splitlines() if "| metasegnet |" in line]
+    assert row and row == [line for line in ablation_ext["table"].splitlines()
+                           if "| metasegnet |" in line]  # same CPU training, same metrics
