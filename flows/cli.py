@@ -128,11 +128,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             cfg = from_dict(apply_overrides(state["config"], args.set))
         model = build_model(cfg)
         model.load_state_dict(state["model"])
-    classes = open_dataset(cfg.store, cfg.dataset).classes
+    ds = open_dataset(cfg.store, cfg.dataset)
     out = Path(args.out)
-    for r in evaluate_fold(cfg, model, keep_samples=8):
+    for r in evaluate_fold(cfg, model, keep_samples=8, dataset=ds):
         tag = f"{r.ways}w{r.shots}s"
-        write_eval_artifacts(out / tag, r, classes)
+        write_eval_artifacts(out / tag, r, ds.classes)
         print(f"{tag}: mIoU {100 * r.miou:.2f}  FB-IoU {100 * r.fbiou:.2f}  "
               f"({r.episodes} episodes, {r.seconds:.1f} s)")
         for name, iou in r.per_class.items():

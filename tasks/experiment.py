@@ -74,13 +74,13 @@ def run_point(cfg: TrainConfig, *, parent_run_id: str | None = None,
         (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": cfg.to_dict()}))
         if cfg.budget > 0 or cfg.pseudo:
             fit = train(cfg, run_dir, on_metrics=tracker.log_metrics,
-                        on_checkpoint=tracker.flush, progress=progress)
+                        on_checkpoint=tracker.flush, progress=progress, dataset=ds)
         else:  # no labels and no pseudo tasks: the model as initialised is the point
             fit = save_initial(cfg, run_dir)
         model = build_model(cfg)
         best = run_dir / "checkpoints" / "best.pt"
         model.load_state_dict(load_state(best)["model"])
-        results = evaluate_fold(cfg, model, keep_samples=8, progress=progress)
+        results = evaluate_fold(cfg, model, keep_samples=8, progress=progress, dataset=ds)
         summary: dict[str, Any] = {"run_id": tracker.run_id, "run_name": name,
                                    "tags": point_tags(cfg), "best_step": fit.best_step,
                                    "val_miou": fit.best_val_miou, "train_seconds": fit.seconds}

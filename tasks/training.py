@@ -285,18 +285,19 @@ def episode_stream(cfg: TrainConfig, step: int) -> str:
 
 def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = None,
           on_checkpoint: Callable[[], None] | None = None, progress: bool = True,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, dataset: Dataset | None = None) -> TrainResult:
     """Train (or resume) a run in `run_dir`; returns when all `total_steps(cfg)` are done.
 
     `on_checkpoint` runs after each checkpoint (the tracker flushes its metrics there, so a
     resumed run has no gap). `stop_after` ends this call after that many steps (tests
-    simulate a crash at a known point with it).
+    simulate a crash at a known point with it). `dataset`, when the caller has it open, is
+    reused (with its warm shard cache) instead of opened again.
     """
     t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    ds = open_dataset(cfg.store, cfg.dataset)
+    ds = dataset if dataset is not None else open_dataset(cfg.store, cfg.dataset)
     train_sampler, val_sampler = make_samplers(cfg, ds)
     samplers = {"labelled": train_sampler, "pseudo": pseudo_sampler(cfg, ds)}
     if samplers["labelled"] is None and samplers["pseudo"] is None:
@@ -413,11 +414,11 @@ def eval_settings(cfg: TrainConfig) -> Iterator[tuple[int, int]]:
 
 
 def evaluate_fold(cfg: TrainConfig, model: nn.Module, *, keep_samples: int = 0,
-               progress: bool = True) -> list[EvalResult]:
+               progress: bool = True, dataset: Dataset | None = None) -> list[EvalResult]:
     """Evaluate on the fold's novel classes (validation split) for every test setting."""
     device = pick_device(cfg.device)
     model.to(device)
-    ds = open_dataset(cfg.store, cfg.dataset)
+    ds = dataset if dataset is not None else open_dataset(cfg.store, cfg.dataset)
     novel = fold_classes(len(ds.classes) - 1, cfg.fold, cfg.n_folds, cfg.fold_variant)
     cache = feature_cache(cfg, model, ds, device)
     results = []
