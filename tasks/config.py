@@ -30,7 +30,8 @@ class TrainConfig:
     # Pseudo meta-tasks (fss pseudo): the pseudo-mask group's key, or "latest" for the only one.
     pseudo: str | None = None
     budget_mode: str = "finetune"  # with pseudo tasks and labels: "finetune" or "mixed"
-    pseudo_steps: int = 0  # finetune: pseudo episodes before the `steps` labelled ones
+    # finetune: pseudo steps before the `steps` labelled ones; at budget 0 they are all there is
+    pseudo_steps: int = 0
     mixed_pseudo_fraction: float = 0.5  # mixed: share of the `steps` that are pseudo episodes
     pseudo_top_k: int = 10  # supports come from the k most similar images of the cluster
     steps: int = 1000
@@ -69,8 +70,7 @@ class TrainConfig:
             raise ValueError(f"budget_mode is 'finetune' or 'mixed', not {self.budget_mode!r}")
         if self.pseudo and self.ways != 1:
             raise ValueError("pseudo meta-tasks are 1-way episodes (ways: 1)")
-        if self.pseudo and self.budget > 0 and self.budget_mode == "finetune" \
-                and self.pseudo_steps < 1:
+        if self.pseudo and self.budget_mode == "finetune" and self.pseudo_steps < 1:
             raise ValueError("budget_mode finetune needs pseudo_steps >= 1")
         for name in ("steps", "batch_size", "ways", "shots", "checkpoint_every", "val_every"):
             if getattr(self, name) < 1:

@@ -41,6 +41,7 @@ class PseudoEpisodeSampler:
         self.ids = np.asarray(sorted(ids))
         rows = np.asarray([pseudo.row(i) for i in self.ids], dtype=np.int64)
         counts = pseudo.read("counts")[rows]  # (n, K)
+        self.n_clusters = counts.shape[1]
         protos = pseudo.read("prototypes")[rows].astype(np.float32)  # (n, K, D)
         norms = np.linalg.norm(protos, axis=-1, keepdims=True)
         self._protos = protos / np.maximum(norms, 1e-8)
@@ -56,6 +57,15 @@ class PseudoEpisodeSampler:
                 f"no cluster has {shots + 1} images with >= {min_pixels} px outside the "
                 f"{len(background)} background-like clusters: lower min_pixels or add images")
         self.background = sorted(background)
+
+    @property
+    def classes(self) -> list[int]:
+        """The usable clusters, under the name evaluation expects of a sampler."""
+        return self.clusters
+
+    def class_names(self) -> list[str]:
+        """A name per cluster id, for per-cluster metrics."""
+        return [f"cluster{c}" for c in range(self.n_clusters)]
 
     def draw(self, index: int) -> tuple[int, list[str], str]:
         """(cluster, support ids, query id) of episode `index`, without reading pixels."""

@@ -242,7 +242,8 @@ def make_samplers(cfg: TrainConfig, ds: Dataset
     return train, val
 
 
-def pseudo_sampler(cfg: TrainConfig, ds: Dataset) -> PseudoEpisodeSampler | None:
+def pseudo_sampler(cfg: TrainConfig, ds: Dataset,
+                   seed: int | None = None) -> PseudoEpisodeSampler | None:
     """Pseudo meta-tasks over all (unlabelled) training images, when the config names them."""
     if not cfg.pseudo:
         return None
@@ -257,21 +258,24 @@ def pseudo_sampler(cfg: TrainConfig, ds: Dataset) -> PseudoEpisodeSampler | None
     derived = open_derived(cfg.store, ds.name, key, ds.version)
     return PseudoEpisodeSampler(ds, derived, split="train", shots=cfg.shots,
                                 min_pixels=cfg.min_pixels, top_k=cfg.pseudo_top_k,
-                                seed=cfg.seed + 20_000)
+                                seed=cfg.seed + 20_000 if seed is None else seed)
 
 
 def total_steps(cfg: TrainConfig) -> int:
-    if cfg.pseudo and cfg.budget > 0 and cfg.budget_mode == "finetune":
-        return cfg.pseudo_steps + cfg.steps
+    """finetune: `pseudo_steps` (+ `steps` with labels), so the 0 % model is exactly the
+    pseudo-training phase every labelled budget starts from. Otherwise `steps`."""
+    if cfg.pseudo and cfg.budget_mode == "finetune":
+        return cfg.pseudo_steps + (cfg.steps if cfg.budget > 0 else 0)
     return cfg.steps
 
 
 def episode_stream(cfg: TrainConfig, step: int) -> str:
     """Which episodes step `step` trains on: "pseudo" or "labelled".
 
-    No pseudo tasks: labelled. Budget 0: pseudo. finetune: `pseudo_steps` pseudo steps, then
-    `steps` labelled ones (pseudo-train, then meta-train, as the UMTFSS code does). mixed: the
-    `steps` interleave, a `mixed_pseudo_fraction` share of them pseudo, evenly spread.
+    No pseudo tasks: labelled. Budget 0: pseudo (`pseudo_steps` of them in finetune mode,
+    `steps` in mixed mode). finetune: `pseudo_steps` pseudo steps, then `steps` labelled ones
+    (pseudo-train, then meta-train, as the UMTFSS code does). mixed: the `steps` interleave, a
+    `mixed_pseudo_fraction` share of them pseudo, evenly spread.
     """
     if not cfg.pseudo:
         return "labelled"
@@ -300,6 +304,9 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
     ds = dataset if dataset is not None else open_dataset(cfg.store, cfg.dataset)
     train_sampler, val_sampler = make_samplers(cfg, ds)
     samplers = {"labelled": train_sampler, "pseudo": pseudo_sampler(cfg, ds)}
+    # Label-free monitor: how well the model fits pseudo episodes it was not trained on (other
+    # seed, same unlabelled images). Logged only; it never selects a checkpoint.
+    pseudo_val = pseudo_sampler(cfg, ds, seed=cfg.seed + 30_000) if samplers["pseudo"] else None
     if samplers["labelled"] is None and samplers["pseudo"] is None:
         raise ValueError("budget 0 without pseudo tasks has nothing to train on")
     total = total_steps(cfg)
@@ -342,6 +349,11 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
         emit({"train/loss": history[-1][1], "train/lr": sched.get_last_lr()[0]}, step)
         bar.update()
         bar.set_postfix(loss=f"{history[-1][1]:.3f}")
+        if pseudo_val is not None and (step % cfg.val_every == 0 or step == total):
+            fit = evaluate(model, pseudo_val, episodes=cfg.val_episodes,
+                           class_names=pseudo_val.class_names(), device=device,
+                           scoring="hsnet", cache=cache)
+            emit({"val_pseudo/miou": fit.miou, "val_pseudo/fbiou": fit.fbiou}, step)
         # Without labels (budget 0) nothing may select a checkpoint: the last one is kept.
         if val_sampler is None and step == total:
             best_step = step

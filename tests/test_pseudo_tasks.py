@@ -97,8 +97,12 @@ def _cfg(**kw) -> TrainConfig:
 
 def test_budget_mode_schedules() -> None:
     assert [episode_stream(_cfg(pseudo=None), s) for s in range(3)] == ["labelled"] * 3
-    zero = _cfg(budget=0.0)
-    assert total_steps(zero) == 4 and {episode_stream(zero, s) for s in range(4)} == {"pseudo"}
+    # finetune at 0 %: the pseudo phase alone, the start of every labelled budget's schedule.
+    zero = _cfg(budget=0.0, pseudo_steps=3)
+    assert total_steps(zero) == 3 and {episode_stream(zero, s) for s in range(3)} == {"pseudo"}
+    zero_mixed = _cfg(budget=0.0, budget_mode="mixed")
+    assert total_steps(zero_mixed) == 4
+    assert {episode_stream(zero_mixed, s) for s in range(4)} == {"pseudo"}
     fine = _cfg(budget=0.2, pseudo_steps=3)
     assert total_steps(fine) == 7
     assert [episode_stream(fine, s) for s in range(7)] == ["pseudo"] * 3 + ["labelled"] * 4
@@ -107,8 +111,9 @@ def test_budget_mode_schedules() -> None:
     assert [episode_stream(mixed, s) for s in range(4)] == ["labelled", "pseudo"] * 2
     third = _cfg(budget=1.0, budget_mode="mixed", mixed_pseudo_fraction=1 / 3, steps=6)
     assert [episode_stream(third, s) for s in range(6)].count("pseudo") == 2
-    with pytest.raises(ValueError, match="pseudo_steps"):
-        _cfg(budget=0.2)
+    for budget in (0.0, 0.2):
+        with pytest.raises(ValueError, match="pseudo_steps"):
+            _cfg(budget=budget)
     with pytest.raises(ValueError, match="1-way"):
         _cfg(ways=2)
 
@@ -116,11 +121,15 @@ def test_budget_mode_schedules() -> None:
 def test_zero_budget_trains_on_pseudo_tasks_without_labels(
         tiny_store: str, pseudo_key: str, tmp_path: Path, no_labels) -> None:
     cfg = TrainConfig(model="umt", store=tiny_store, dataset="synth", budget=0.0,
-                      pseudo="latest", steps=3, batch_size=2, checkpoint_every=3,
+                      pseudo="latest", pseudo_steps=3, batch_size=2, checkpoint_every=3,
                       min_pixels=100, model_args={"dim": 32, "n_fg_protos": 4,
                                                   "n_bg_protos": 6, "heads": 2,
                                                   "freeze_backbone": False})
-    result = train(cfg, tmp_path / "run", progress=False)
+    logged: dict[str, float] = {}
+    result = train(cfg, tmp_path / "run", progress=False,
+                   on_metrics=lambda metrics, step: logged.update(metrics))
     assert result.steps == 3 and result.best_step == 3
     assert np.isnan(result.best_val_miou)
+    # The label-free monitor scored held-out pseudo episodes; nothing labelled was validated.
+    assert 0.0 <= logged["val_pseudo/miou"] <= 1.0 and "val/miou" not in logged
     assert (tmp_path / "run" / "checkpoints" / "best.pt").exists()
