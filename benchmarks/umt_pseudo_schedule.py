@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flows.demo import STUDY
-from tasks.ablation import load_study
+from flows.demo import demo_study
+from tasks.ablation import study_from_dict
 from tasks.config import TrainConfig
 from tasks.episodes import EpisodeSampler
 from tasks.folds import fold_classes
@@ -48,10 +48,10 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def zero_budget_config(workdir: Path, test_episodes: int) -> TrainConfig:
-    overrides = [f"store={workdir / 'store.zarr'}",
-                 f"backbone_checkpoint={workdir / 'pretrain' / 'backbone.pth'}",
-                 f"test_episodes={test_episodes}"]
-    points = load_study(STUDY, overrides).points
+    spec, overrides = demo_study(str(workdir / "store.zarr"),
+                                 str(workdir / "pretrain" / "backbone.pth"),
+                                 str(workdir / "runs"), quick=False)
+    points = study_from_dict(spec, [*overrides, f"test_episodes={test_episodes}"]).points
     return next(p for p in points if p.model == "umt" and p.budget == 0)
 
 

@@ -35,15 +35,17 @@ def _done(t0: float, text: str) -> None:
 
 
 def demo_study(store_url: str, backbone: str, out_dir: str, quick: bool) -> tuple[dict, list]:
-    """The study of configs/ablation-synthetic.yaml, pointed at the demo's files."""
-    study = yaml.safe_load(STUDY.read_text())
-    study = copy.deepcopy(study)
+    """The study of configs/ablation-synthetic.yaml, pointed at the demo's files.
+
+    The files go into `base`, so a point that sets its own (MetaSegNet from scratch:
+    `backbone_checkpoint: null`) keeps it; the --quick sizes are overrides of every point.
+    """
+    study = copy.deepcopy(yaml.safe_load(STUDY.read_text()))
     sizes = QUICK if quick else FULL
     if sizes["pseudo_steps"]:
         study["models"]["umt"]["pseudo_steps"] = sizes["pseudo_steps"]
-    overrides = [f"store={store_url}", f"backbone_checkpoint={backbone}",
-                 f"out_dir={out_dir}", *sizes["train"]]
-    return study, overrides
+    study["base"] |= {"store": store_url, "backbone_checkpoint": backbone, "out_dir": out_dir}
+    return study, list(sizes["train"])
 
 
 def run_demo(workdir: Path, *, quick: bool = False, workers: int = 2) -> int:

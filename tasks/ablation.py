@@ -31,8 +31,12 @@ class Study:
     spec: dict[str, Any] = field(default_factory=dict)
 
 
-def expand(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every point's config keys: the grid's product plus explicit points, deduplicated."""
+def expand(spec: dict[str, Any], overrides: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every point's config keys: the grid's product plus explicit points, deduplicated.
+
+    A point is `base`, then its model's keys, then its grid values or point keys, then
+    `overrides` (key=value), which therefore reach every point whatever set the key before.
+    """
     grid = spec.get("grid") or {}
     unknown = sorted(set(grid) - set(GRID_KEYS))
     if unknown:
@@ -45,6 +49,7 @@ def expand(spec: dict[str, Any]) -> list[dict[str, Any]]:
     for c in combos:
         model = c.get("model", (spec.get("base") or {}).get("model", "metasegnet"))
         merged = dict(spec.get("base") or {}) | dict((spec.get("models") or {}).get(model, {})) | c
+        merged = apply_overrides(merged, overrides or [])
         key = yaml.safe_dump(merged, sort_keys=True)
         if key not in seen:
             seen.add(key)
@@ -67,9 +72,8 @@ def study_from_dict(spec: dict[str, Any], overrides: list[str] | None = None) ->
     for key in ("study", "experiment"):
         if not spec.get(key):
             raise ValueError(f"a study needs a {key!r} entry")
-    spec = dict(spec)
-    spec["base"] = apply_overrides(dict(spec.get("base") or {}), overrides or [])
+    spec = dict(spec) | {"overrides": list(overrides or [])}
     experiment = spec["experiment"]
-    points = [from_dict(p | {"experiment": experiment}) for p in expand(spec)]
+    points = [from_dict(p | {"experiment": experiment}) for p in expand(spec, overrides)]
     return Study(name=spec["study"], experiment=experiment, points=points,
                  gpu=bool(spec.get("gpu", False)), spec=spec)

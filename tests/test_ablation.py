@@ -31,6 +31,10 @@ def test_expand_grid_points_and_model_overrides() -> None:
     assert len(points) == 5
     assert {p["steps"] for p in points if p["model"] == "umt"} == {9}
     assert [p["ways"] for p in points if p["model"] == "metasegnet"] == [2]
+    # --set overrides reach every point, over model keys too.
+    overridden = expand(spec, ["steps=3", "model_args.dim=32"])
+    assert {p["steps"] for p in overridden} == {3}
+    assert {p["model_args"]["dim"] for p in overridden} == {32}
     with pytest.raises(ValueError, match="not sweepable"):
         expand({"grid": {"lr": [1, 2]}})
     with pytest.raises(ValueError, match="study"):

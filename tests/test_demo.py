@@ -1,0 +1,31 @@
+"""The demo's study: configs/ablation-synthetic.yaml pointed at the demo's files."""
+
+from __future__ import annotations
+
+from flows.demo import demo_study
+from tasks.ablation import study_from_dict
+from tasks.training import total_steps
+
+
+def _points(quick: bool) -> list:
+    spec, overrides = demo_study("/tmp/demo/store.zarr", "/tmp/demo/backbone.pth",
+                                 "/tmp/demo/runs", quick)
+    return study_from_dict(spec, overrides).points
+
+
+def test_full_demo_study_schedules() -> None:
+    points = _points(quick=False)
+    assert len(points) == 7
+    assert {p.store for p in points} == {"/tmp/demo/store.zarr"}
+    umt = {p.budget: p for p in points if p.model == "umt"}
+    # 0 % is the pseudo phase alone; the labelled budgets continue it with `steps` steps.
+    assert total_steps(umt[0.0]) == umt[0.0].pseudo_steps == 400
+    assert total_steps(umt[0.2]) == total_steps(umt[1.0]) == 400 + umt[1.0].steps
+    metasegnet = [p for p in points if p.model == "metasegnet"]
+    assert [(p.ways, p.backbone_checkpoint) for p in metasegnet] == [(2, None)]
+
+
+def test_quick_demo_overrides_reach_every_point() -> None:
+    points = _points(quick=True)
+    assert {(p.steps, p.val_every, p.checkpoint_every) for p in points} == {(6, 6, 6)}
+    assert {p.pseudo_steps for p in points if p.model == "umt"} == {6}
