@@ -90,7 +90,7 @@ def prior_only(cfg: TrainConfig) -> dict[float, float]:
         batch = make_batch(episodes, torch.device("cpu"), cache)
         f = batch["features"]
         size = batch["support_mask"].shape[-2:]
-        prior = model._prior(f["query"]["layer4"], f["support"]["layer4"],
+        prior = model.prior(f["query"]["layer4"], f["support"]["layer4"],
                              batch["support_mask"], size)
         for k, ep in enumerate(episodes):
             up = upsample_logits_to(prior[k:k + 1], ep.query_original_mask.shape)[0, 0]

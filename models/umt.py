@@ -228,7 +228,7 @@ class UMTTransformer(nn.Module):
         proto = (s * weight).sum((1, 3, 4)) / (weight.sum((1, 3, 4)) + 5e-4)  # (B, dim)
         proto = proto[:, :, None, None]
 
-        prior = self._prior(qf["layer4"], sf["layer4"], support_mask, (h, w))
+        prior = self.prior(qf["layer4"], sf["layer4"], support_mask, (h, w))
         q = self.merge_query(torch.cat((q, proto.expand(-1, -1, h, w), prior), 1))
         s = self.merge_support(
             torch.cat((s.flatten(0, 1), proto.repeat_interleave(k, 0).expand(-1, -1, h, w)), 1)
@@ -260,7 +260,7 @@ class UMTTransformer(nn.Module):
             l3 = F.interpolate(l3, size=l2.shape[-2:], mode="bilinear", align_corners=False)
         return reduce(torch.cat((l2, l3), 1).to(self.head[-1].weight.dtype))
 
-    def _prior(self, q4: Tensor, s4: Tensor, mask: Tensor, size: tuple[int, int]) -> Tensor:
+    def prior(self, q4: Tensor, s4: Tensor, mask: Tensor, size: tuple[int, int]) -> Tensor:
         """PFENet prior (B, 1, h, w); layer4 query (B, C, h4, w4), support (B, K, C, h4, w4)."""
         h4, w4 = q4.shape[-2:]
         fg4, _, _ = support_cells(mask, (h4, w4))
