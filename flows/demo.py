@@ -107,6 +107,10 @@ def run_demo(workdir: Path, *, quick: bool = False, workers: int = 2) -> int:
 
         _stage(6, "summary (test mIoU on fold 0's novel classes, 1-way 1-shot unless noted)")
     print(result["table"])
+    if quick:
+        print("\n--quick: toy sizes and a few steps per point; the numbers only show that every "
+              "stage ran (UMT needs a few hundred pseudo steps to leave its all-background "
+              "start).")
     print(f"\nplot and tables: {Path(result['files']['plot']).parent}")
     print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min")
     print(ui_hint())
