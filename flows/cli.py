@@ -146,8 +146,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     from flows.ablate import run_ablation
     from flows.runtime import prefect_api
+    from tasks.ablation import set_grid
 
-    study = yaml.safe_load(Path(args.config).read_text())
+    study = set_grid(yaml.safe_load(Path(args.config).read_text()), args.grid)
     t0 = time.perf_counter()
     with prefect_api():
         out = run_ablation(study, workers=args.workers, dask_address=args.dask_address,
@@ -264,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", required=True, help="a study YAML (configs/ablation-*.yaml)")
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of every point, e.g. steps=50")
+    a.add_argument("--grid", action="append", default=[], metavar="KEY=[VALUES]",
+                   help="replace a grid axis, e.g. seed=[0,1,2]; finished points are kept")
     a.add_argument("--out", default="reports", help="folder for the summary table and plot")
     ga = a.add_mutually_exclusive_group()
     ga.add_argument("--workers", type=int, default=1, help="LocalCluster worker processes")

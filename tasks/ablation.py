@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tasks.config import TrainConfig, apply_overrides, from_dict
+from tasks.config import TrainConfig, apply_overrides, from_dict, parse_value
 
 GRID_KEYS = ("model", "budget", "fold", "shots", "ways", "seed")
 
@@ -57,6 +57,23 @@ def expand(spec: dict[str, Any], overrides: list[str] | None = None) -> list[dic
     if not out:
         raise ValueError("the study has no points: give a grid or points")
     return out
+
+
+def set_grid(spec: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """A copy of `spec` whose grid axes are replaced by `key=[values]` items (e.g. seed=[0,1,2]).
+
+    The study keeps its name, so its MLflow parent run gathers the new points beside the old.
+    """
+    grid = dict(spec.get("grid") or {})
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in GRID_KEYS:
+            raise ValueError(f"--grid expects KEY=[values] with KEY one of {GRID_KEYS}, "
+                             f"got {item!r}")
+        values = parse_value(value)
+        grid[key] = values if isinstance(values, list) else [values]
+    return dict(spec) | {"grid": grid}
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:

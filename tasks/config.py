@@ -80,7 +80,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """`--set` values are YAML scalars: 0.2, true, null, [1, 5] and plain strings all work."""
     return yaml.safe_load(text)
 
@@ -97,7 +97,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for p in parents:
             node[p] = dict(node.get(p) or {})
             node = node[p]
-        node[leaf] = _parse_value(value)
+        node[leaf] = parse_value(value)
     return out
 
 

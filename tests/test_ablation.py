@@ -8,7 +8,7 @@ import pytest
 
 from flows.ablate import run_ablation
 from flows.runtime import prefect_api
-from tasks.ablation import expand, study_from_dict
+from tasks.ablation import expand, set_grid, study_from_dict
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +35,13 @@ def test_expand_grid_points_and_model_overrides() -> None:
     overridden = expand(spec, ["steps=3", "model_args.dim=32"])
     assert {p["steps"] for p in overridden} == {3}
     assert {p["model_args"]["dim"] for p in overridden} == {32}
+    # --grid replaces an axis: three seeds of the four grid points, the extra point once.
+    seeds = expand(set_grid(spec, ["seed=[0, 1, 2]"]))
+    assert len(seeds) == 4 * 3 + 1 and spec["grid"] == {"model": ["panet", "umt"],
+                                                         "budget": [0.2, 1.0]}
+    assert len(expand(set_grid(spec, ["budget=0.5"]))) == 2 + 1
+    with pytest.raises(ValueError, match="--grid"):
+        set_grid(spec, ["lr=[1, 2]"])
     with pytest.raises(ValueError, match="not sweepable"):
         expand({"grid": {"lr": [1, 2]}})
     with pytest.raises(ValueError, match="study"):
