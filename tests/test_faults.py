@@ -94,6 +94,22 @@ def _stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _kill_when(cmd: list[str], log: Path, env: dict[str, str], cwd: Path, what: str,
+               check: Callable[[], bool], timeout: float) -> list[str]:
+    """Run `cmd`, SIGKILL its process group once `check()` holds; the descendants that
+    outlived the kill (described) come back, so a test can assert nothing leaked."""
+    proc = _spawn(cmd, log, env, cwd)
+    family: list[psutil.Process] = []
+    try:
+        _wait_for(what, check, timeout, proc)
+        family = _descendants(proc.pid)  # the Prefect server, the Dask worker(s), ...
+        _kill_group(proc)
+    finally:
+        _stop(proc)
+        survivors = _reap(family)
+    return survivors
+
+
 def _descendants(pid: int) -> list[psutil.Process]:
     with contextlib.suppress(psutil.Error):
         return psutil.Process(pid).children(recursive=True)
@@ -346,17 +362,9 @@ def test_killed_ingest_cli_resumes_and_leaves_nothing_behind(synth_root: Path,
     env.pop("PREFECT_API_URL", None)
     cmd = [*FSS, "ingest", "--source", "voc", "--root", str(_voc(synth_root)), "--name", NAME,
            "--store", url, "--size", str(SIZE), "--shard-size", str(SHARD), "--workers", "1"]
-    proc = _spawn(cmd, tmp_path / "killed.log", env, tmp_path)
-    family: list[psutil.Process] = []
-    try:
-        _wait_for("two finished shards",
-                  lambda: len(store.done_shards(url, NAME, version)) >= 2, 240, proc)
-        family = _descendants(proc.pid)  # the Prefect server, the Dask worker(s), ...
-        done_at_kill = len(store.done_shards(url, NAME, version))
-        _kill_group(proc)
-    finally:
-        _stop(proc)
-        survivors = _reap(family)
+    survivors = _kill_when(cmd, tmp_path / "killed.log", env, tmp_path, "two finished shards",
+                           lambda: len(store.done_shards(url, NAME, version)) >= 2, 240)
+    done_at_kill = len(store.done_shards(url, NAME, version))
     assert done_at_kill < n_shards, "the run finished before it could be killed"
 
     out = _run(cmd, env, tmp_path, timeout=240)
@@ -393,13 +401,8 @@ def test_killed_training_resumes_to_identical_weights(tiny_store: str, tmp_path:
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({"train": _train_config(tiny_store, tmp_path / "runs")}))
     cmd = [*FSS, "train", "--config", str(config)]
-    proc = _spawn(cmd, tmp_path / "killed.log", env, tmp_path)
-    try:
-        _wait_for("the first checkpoint",
-                  lambda: any((tmp_path / "runs").glob("*/checkpoints/last.pt")), 240, proc)
-        _kill_group(proc)
-    finally:
-        _stop(proc)
+    _kill_when(cmd, tmp_path / "killed.log", env, tmp_path, "the first checkpoint",
+               lambda: any((tmp_path / "runs").glob("*/checkpoints/last.pt")), 240)
     (run_dir,) = (tmp_path / "runs").iterdir()
     killed_at = load_state(run_dir / "checkpoints" / "last.pt")["step"]
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
@@ -451,15 +454,8 @@ def test_killed_ablation_trains_only_the_missing_points(tiny_store: str, tmp_pat
     def results() -> list[Path]:
         return sorted(runs.glob("*/result.json"))
 
-    proc = _spawn(cmd, tmp_path / "killed.log", env, tmp_path)
-    family: list[psutil.Process] = []
-    try:
-        _wait_for("the first point's result.json", lambda: bool(results()), 420, proc)
-        family = _descendants(proc.pid)  # the LocalCluster's worker process(es)
-        _kill_group(proc)
-    finally:
-        _stop(proc)
-        survivors = _reap(family)
+    survivors = _kill_when(cmd, tmp_path / "killed.log", env, tmp_path,
+                           "the first point's result.json", lambda: bool(results()), 420)
     done = len(results())
     assert 1 <= done < 3, f"{done} of 3 points finished before the kill"
     assert not survivors, "processes of the killed run outlived it:\n" + "\n".join(survivors)
