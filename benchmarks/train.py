@@ -22,8 +22,8 @@ from tasks.training import (
     build_model,
     episodes_for_step,
     feature_cache,
+    labelled_data,
     make_batch,
-    make_samplers,
     pick_device,
     training_loss,
 )
@@ -41,7 +41,7 @@ VARIANTS = {
 def steps_per_second(cfg: TrainConfig, steps: int) -> float:
     device = pick_device(cfg.device)
     ds = open_dataset(cfg.store, cfg.dataset)
-    sampler, _ = make_samplers(cfg, ds)
+    sampler = labelled_data(cfg, ds).train
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device).train()
     cache = feature_cache(cfg, model, ds, device)

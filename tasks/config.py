@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import yaml
 
 MODELS = ("metasegnet", "panet", "umt")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
@@ -25,7 +28,12 @@ class TrainConfig:
     ways: int = 1
     shots: int = 1
     budget: float = 1.0  # fraction of training images whose masks may be used
-    budget_seed: int = 0  # fixes the nested labelled subsets (5 % ⊂ 10 % ⊂ ...)
+    # Which images are labelled: one draw of nested subsets (5 % ⊂ 10 % ⊂ ...) per budget
+    # seed; None follows `seed`, so every seed of a study also resamples the labelled subset.
+    budget_seed: int | None = None
+    # Share of a point's labelled images held out from training to select its checkpoint
+    # (never the test split); too few to form episodes, and the last checkpoint is kept.
+    val_fraction: float = 0.2
     min_pixels: int = 2 * 32 * 32  # region floor at original resolution
     # Pseudo meta-tasks (fss pseudo): the pseudo-mask group's key, or "latest" for the only one.
     pseudo: str | None = None
@@ -36,7 +44,9 @@ class TrainConfig:
     pseudo_top_k: int = 10  # supports come from the k most similar images of the cluster
     steps: int = 1000
     batch_size: int = 8
+    optimizer: str = "adamw"  # "adamw", or "sgd" with `momentum` (PANet's reference)
     lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-4
     seed: int = 0
     backbone: str = "small_resnet"
@@ -58,10 +68,16 @@ class TrainConfig:
     out_dir: str = "runs"
 
     def __post_init__(self) -> None:
+        if self.budget_seed is None:
+            self.budget_seed = self.seed
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, not {self.model!r}")
         if not 0.0 <= self.budget <= 1.0:
             raise ValueError(f"budget is a fraction in [0, 1], got {self.budget}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction is a share in [0, 1), got {self.val_fraction}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
         if self.scoring not in ("pfenet", "hsnet"):
             raise ValueError(f"scoring must be 'pfenet' or 'hsnet', not {self.scoring!r}")
         if self.model == "umt" and self.ways != 1:
@@ -78,6 +94,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def config_digest(cfg: TrainConfig, data_version: str) -> str:
+    """8 hex digits of everything that defines a trained model: its config (less where it is
+    written and tracked) and the data version."""
+    blob = json.dumps({"config": cfg.to_dict() | {"out_dir": None, "experiment": None},
+                       "data": data_version}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
 def parse_value(text: str) -> Any:

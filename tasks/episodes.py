@@ -78,6 +78,20 @@ def label_budget(ids: Sequence[str], fraction: float, seed: int = 0) -> list[str
     return [pool[k] for k in order[:n]]
 
 
+def hold_out(labelled: Sequence[str], fraction: float) -> tuple[list[str], list[str]]:
+    """Split a labelled subset (in ``label_budget`` order) into (train, held-out) ids.
+
+    Every position ``p`` with ``floor((p + 1) * fraction) > floor(p * fraction)`` is held out
+    (positions 4, 9, 14, ... at 0.2), so the held-out share is spread evenly along the
+    permutation and both parts stay nested across the budgets of one draw.
+    """
+    train, held = [], []
+    for p, image_id in enumerate(labelled):
+        (held if math.floor((p + 1) * fraction) > math.floor(p * fraction) else train).append(
+            image_id)
+    return train, held
+
+
 def _label_map(labels: dict[int, int]) -> np.ndarray:
     """Lookup table absolute id -> episode label: the given ids, 255 -> 255, all else 0."""
     lut = np.zeros(256, np.uint8)

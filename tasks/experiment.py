@@ -8,14 +8,13 @@ checkpoint (and continues the same MLflow run).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tasks.config import TrainConfig
+from tasks.config import TrainConfig, config_digest
 from tasks.overlays import render_grid
 from tasks.store import open_dataset
 from tasks.tracking import Tracker, code_version
@@ -39,11 +38,8 @@ def point_tags(cfg: TrainConfig) -> dict[str, str]:
 
 def run_name(cfg: TrainConfig, data_version: str) -> str:
     """Readable and unique: the point's tags plus a hash of everything that defines it."""
-    blob = json.dumps({"config": cfg.to_dict() | {"out_dir": None, "experiment": None},
-                       "data": data_version}, sort_keys=True)
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
     return (f"{cfg.model}-f{cfg.fold}-{cfg.ways}w{cfg.shots}s-b{cfg.budget:g}-s{cfg.seed}"
-            f"-{digest}")
+            f"-{config_digest(cfg, data_version)}")
 
 
 def metric_prefix(cfg: TrainConfig, result: EvalResult) -> str:

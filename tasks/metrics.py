@@ -51,9 +51,12 @@ class SegmentationMeter:
         self.n_episodes = 0
 
     def update(self, pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor,
-               episode_classes: Sequence[int]) -> None:
+               episode_classes: Sequence[int]) -> list[tuple[int, int, int]]:
         """Add one episode: ``pred`` and ``target`` (H, W) in episode labels 0..N (target may
-        hold 255); episode label j+1 belongs to absolute class ``episode_classes[j]``."""
+        hold 255); episode label j+1 belongs to absolute class ``episode_classes[j]``.
+
+        Returns the episode's (class id, intersection, union) per episode class: the rows that
+        a bootstrap over episodes resamples (``tasks/intervals.py``)."""
         p, t = _numpy(pred), _numpy(target)
         if p.shape != t.shape or p.ndim != 2:
             raise ValueError(f"pred and target must be (H, W) of one shape, got {p.shape} and "
@@ -64,16 +67,20 @@ class SegmentationMeter:
                              f"{self.classes}")
         valid = t != IGNORE
         p, t = p[valid], t[valid]
+        rows = []
         for j, c in enumerate(episode_classes):
             pj, tj = p == j + 1, t == j + 1
             k = self._pos[int(c)]
-            self.intersection[k] += np.count_nonzero(pj & tj)
-            self.union[k] += np.count_nonzero(pj | tj)
+            inter, union = np.count_nonzero(pj & tj), np.count_nonzero(pj | tj)
+            self.intersection[k] += inter
+            self.union[k] += union
             self.class_episodes[k] += 1
+            rows.append((int(c), int(inter), int(union)))
         for k, (pk, tk) in enumerate(((p == 0, t == 0), (p > 0, t > 0))):
             self.fb_intersection[k] += np.count_nonzero(pk & tk)
             self.fb_union[k] += np.count_nonzero(pk | tk)
         self.n_episodes += 1
+        return rows
 
     def per_class(self) -> dict[int, float]:
         """IoU of each class with a non-zero accumulated union."""

@@ -29,6 +29,7 @@ class PseudoEpisodeSampler:
     """
 
     ways = 1
+    dropped_classes: list[int] = []  # unusable clusters are filtered, not scored as missing
 
     def __init__(self, dataset: Dataset, pseudo: Derived, *, split: str = "train",
                  shots: int = 1, min_pixels: int = 2 * 32 * 32, top_k: int = 10,

@@ -9,10 +9,13 @@ the validation split, never on the test fold.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -28,9 +32,9 @@ from models.backbones import build_backbone, load_checkpoint
 from models.metasegnet import MetaSegNet
 from models.panet import PANet
 from models.umt import UMTTransformer
-from tasks.config import TrainConfig
+from tasks.config import TrainConfig, config_digest
 from tasks.embeddings import to_input
-from tasks.episodes import Episode, EpisodeSampler, batch_to_tensors, label_budget
+from tasks.episodes import Episode, EpisodeSampler, batch_to_tensors, hold_out, label_budget
 from tasks.folds import base_classes, fold_classes
 from tasks.metrics import SegmentationMeter, upsample_logits_to
 from tasks.pseudo_tasks import PseudoEpisodeSampler
@@ -162,6 +166,9 @@ class EvalResult:
     shots: int
     seconds: float
     samples: list[tuple[Episode, np.ndarray]] = field(default_factory=list)
+    # (episode, class id, intersection, union) per episode class: what a bootstrap resamples
+    episode_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # fold classes too rare to be scored
 
     def metrics(self, prefix: str) -> dict[str, float]:
         out = {f"{prefix}/miou": self.miou, f"{prefix}/fbiou": self.fbiou}
@@ -186,6 +193,7 @@ def evaluate(model: nn.Module, sampler: EpisodeSampler, *, episodes: int,
     samples: list[tuple[Episode, np.ndarray]] = []
     t0 = time.perf_counter()
     bar = tqdm(total=episodes, desc=desc, unit="ep", disable=not progress, leave=False)
+    episode_rows: list[tuple[int, int, int, int]] = []
     for start in range(0, episodes, batch_size):
         batch_eps = [sampler.episode(i) for i in range(start, min(start + batch_size, episodes))]
         batch = make_batch(batch_eps, device, cache)
@@ -198,7 +206,8 @@ def evaluate(model: nn.Module, sampler: EpisodeSampler, *, episodes: int,
             else:
                 target, pred = ep.query_mask, logits[k].argmax(0)
             pred = pred.cpu().numpy().astype(np.uint8)
-            meter.update(pred, target, ep.classes)
+            episode_rows += [(start + k, c, inter, union)
+                             for c, inter, union in meter.update(pred, target, ep.classes)]
             if len(samples) < keep_samples:
                 samples.append((ep, logits[k].argmax(0).cpu().numpy().astype(np.uint8)))
         bar.update(len(batch_eps))
@@ -206,7 +215,9 @@ def evaluate(model: nn.Module, sampler: EpisodeSampler, *, episodes: int,
     per_class = {class_names[c]: v for c, v in meter.per_class().items()}
     return EvalResult(miou=meter.miou(), fbiou=meter.fbiou(), per_class=per_class,
                       episodes=episodes, ways=sampler.ways, shots=sampler.shots,
-                      seconds=time.perf_counter() - t0, samples=samples)
+                      seconds=time.perf_counter() - t0, samples=samples,
+                      episode_rows=episode_rows,
+                      dropped=[class_names[c] for c in sampler.dropped_classes])
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -215,31 +226,65 @@ def evaluate(model: nn.Module, sampler: EpisodeSampler, *, episodes: int,
 @dataclass
 class TrainResult:
     run_dir: Path
-    steps: int
+    steps: int  # the point's steps so far, a pseudo phase's included
     best_step: int
     best_val_miou: float
     history: list[tuple[int, float]]
     seconds: float
     resumed_from: int = 0
+    labels: dict[str, int] = field(default_factory=lambda: {"images": 0, "pixels": 0})
+    selection: str = "last checkpoint: no labels"
+    log: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # what was emitted
 
 
 def episodes_for_step(sampler: EpisodeSampler, step: int, batch_size: int) -> list[Episode]:
     return [sampler.episode(step * batch_size + b) for b in range(batch_size)]
 
 
-def make_samplers(cfg: TrainConfig, ds: Dataset
-                  ) -> tuple[EpisodeSampler | None, EpisodeSampler | None]:
-    """Training episodes on the labelled budget's images, validation on held-out images;
-    both draw only base classes of the fold. Budget 0 has neither (no label is read)."""
-    if cfg.budget == 0:
-        return None, None
-    n_classes = len(ds.classes) - 1
-    base = base_classes(n_classes, cfg.fold, cfg.n_folds, cfg.fold_variant)
+@dataclass
+class LabelledData:
+    """All that a point may read of labels: its labelled subset, split into training and
+    held-out images, with the samplers over them (None where there is nothing to draw)."""
+
+    train: EpisodeSampler | None
+    val: EpisodeSampler | None
+    selection: str  # how the point's checkpoint is chosen, in words (logged)
+    images: int  # labelled images read (training + held out)
+    pixels: int  # annotated pixels in them, at original resolution
+
+
+def labelled_data(cfg: TrainConfig, ds: Dataset) -> LabelledData:
+    """The label accounting of a point at budget b: every mask, pixel count and eligibility list
+    that training and checkpoint selection read comes from here.
+
+    The labelled subset is the first round(b·N) training images of one seeded permutation
+    (`label_budget`, draw `budget_seed`); a `val_fraction` share of it, spread evenly along the
+    permutation (`hold_out`), is held out from training to select the checkpoint on base-class
+    episodes. The validation split is the test split and is never read here. When the held-out
+    images cannot form an episode (budget too small), nothing selects: the last checkpoint is
+    kept. Budget 0 reads no label at all.
+    """
     labelled = label_budget(ds.split_ids("train"), cfg.budget, cfg.budget_seed)
-    common = dict(classes=base, ways=cfg.ways, shots=cfg.shots, min_pixels=cfg.min_pixels)
-    train = EpisodeSampler(ds, split="train", image_ids=labelled, seed=cfg.seed, **common)
-    val = EpisodeSampler(ds, split="val", seed=cfg.seed + 10_000, **common)
-    return train, val
+    if not labelled:
+        return LabelledData(None, None, "last checkpoint: no labels", 0, 0)
+    train_ids, held_out = hold_out(labelled, cfg.val_fraction)
+    n_classes = len(ds.classes) - 1
+    common = dict(split="train", ways=cfg.ways, shots=cfg.shots, min_pixels=cfg.min_pixels,
+                  classes=base_classes(n_classes, cfg.fold, cfg.n_folds, cfg.fold_variant))
+    train = EpisodeSampler(ds, image_ids=train_ids, seed=cfg.seed, **common)
+    val, selection = None, "last checkpoint: no labelled image held out (budget too small)"
+    if held_out:
+        try:
+            with warnings.catch_warnings():  # a handful of images leaves most classes out
+                warnings.simplefilter("ignore")
+                val = EpisodeSampler(ds, image_ids=held_out, seed=cfg.seed + 10_000, **common)
+            selection = f"best val/miou on {len(held_out)} held-out labelled images"
+        except ValueError:
+            selection = (f"last checkpoint: the {len(held_out)} held-out labelled images form "
+                         f"no {cfg.ways}-way {cfg.shots}-shot episode (budget too small)")
+    rows = [ds.row(i) for i in labelled]
+    return LabelledData(train, val, selection, images=len(labelled),
+                        pixels=int(ds.class_pixels[rows].sum()))
 
 
 def pseudo_sampler(cfg: TrainConfig, ds: Dataset,
@@ -261,16 +306,21 @@ def pseudo_sampler(cfg: TrainConfig, ds: Dataset,
                                 seed=cfg.seed + 20_000 if seed is None else seed)
 
 
+def two_phase(cfg: TrainConfig) -> bool:
+    """finetune with pseudo tasks: a pseudo phase shared by every budget, then with labels
+    (budget > 0) a labelled phase that starts from its final weights."""
+    return bool(cfg.pseudo) and cfg.budget_mode == "finetune"
+
+
 def total_steps(cfg: TrainConfig) -> int:
-    """finetune: `pseudo_steps` (+ `steps` with labels), so the 0 % model is exactly the
-    pseudo-training phase every labelled budget starts from. Otherwise `steps`."""
-    if cfg.pseudo and cfg.budget_mode == "finetune":
+    """The point's steps: finetune `pseudo_steps` (+ `steps` with labels), otherwise `steps`."""
+    if two_phase(cfg):
         return cfg.pseudo_steps + (cfg.steps if cfg.budget > 0 else 0)
     return cfg.steps
 
 
 def episode_stream(cfg: TrainConfig, step: int) -> str:
-    """Which episodes step `step` trains on: "pseudo" or "labelled".
+    """Which episodes step `step` of the point trains on: "pseudo" or "labelled".
 
     No pseudo tasks: labelled. Budget 0: pseudo (`pseudo_steps` of them in finetune mode,
     `steps` in mixed mode). finetune: `pseudo_steps` pseudo steps, then `steps` labelled ones
@@ -287,37 +337,60 @@ def episode_stream(cfg: TrainConfig, step: int) -> str:
     return "pseudo" if math.floor((step + 1) * f) > math.floor(step * f) else "labelled"
 
 
-def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = None,
-          on_checkpoint: Callable[[], None] | None = None, progress: bool = True,
-          stop_after: int | None = None, dataset: Dataset | None = None) -> TrainResult:
-    """Train (or resume) a run in `run_dir`; returns when all `total_steps(cfg)` are done.
+# Keys that leave the pseudo phase unchanged: one pseudo phase serves every budget of a seed.
+_LABELLED_ONLY = ("budget", "budget_seed", "val_fraction", "steps", "test_episodes",
+                  "test_shots", "test_ways", "test_seed", "scoring", "threads")
 
-    `on_checkpoint` runs after each checkpoint (the tracker flushes its metrics there, so a
-    resumed run has no gap). `stop_after` ends this call after that many steps (tests
-    simulate a crash at a known point with it). `dataset`, when the caller has it open, is
-    reused (with its warm shard cache) instead of opened again.
-    """
+
+def pseudo_phase_config(cfg: TrainConfig) -> TrainConfig:
+    """The config of `cfg`'s pseudo phase: that of its 0 % point, labelled-only keys reset."""
+    defaults = TrainConfig()
+    return dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in _LABELLED_ONLY}
+                               | {"budget": 0.0})
+
+
+def pseudo_phase_dir(cfg: TrainConfig, ds: Dataset) -> Path:
+    phase = pseudo_phase_config(cfg)
+    digest = config_digest(phase, f"{ds.name}/{ds.version}")
+    return Path(cfg.out_dir) / "pseudo-phase" / f"{cfg.model}-s{cfg.seed}-{digest}"
+
+
+@dataclass
+class Phase:
+    """One optimisation schedule (warm-up + cosine over its own `steps`) in one folder."""
+
+    steps: int
+    stream: Callable[[int], EpisodeSampler | PseudoEpisodeSampler]  # local step -> sampler
+    val: EpisodeSampler | None  # selects the checkpoint; None keeps the last one
+    offset: int = 0  # steps before this phase in the point (for logged step numbers)
+    init: dict[str, torch.Tensor] | None = None  # weights to start from
+
+
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def run_phase(cfg: TrainConfig, phase: Phase, run_dir: Path, *, model: nn.Module, ds: Dataset,
+              device: torch.device, cache: FrozenFeatureCache | None,
+              pseudo_val: PseudoEpisodeSampler | None, emit: MetricsHook,
+              on_checkpoint: Callable[[], None] | None = None, progress: bool = True,
+              stop_after: int | None = None) -> TrainResult:
+    """Train (or resume) one phase in `run_dir`: the one loop of every model and budget."""
     t0 = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    ds = dataset if dataset is not None else open_dataset(cfg.store, cfg.dataset)
-    train_sampler, val_sampler = make_samplers(cfg, ds)
-    samplers = {"labelled": train_sampler, "pseudo": pseudo_sampler(cfg, ds)}
-    # Label-free monitor: how well the model fits pseudo episodes it was not trained on (other
-    # seed, same unlabelled images). Logged only; it never selects a checkpoint.
-    pseudo_val = pseudo_sampler(cfg, ds, seed=cfg.seed + 30_000) if samplers["pseudo"] else None
-    if samplers["labelled"] is None and samplers["pseudo"] is None:
-        raise ValueError("budget 0 without pseudo tasks has nothing to train on")
-    total = total_steps(cfg)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device)
-    cache = feature_cache(cfg, model, ds, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(total))
     last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
-    step, best_step, best_val, history = 0, 0, -1.0, []
+    # Seeded per phase: a phase's steps do not depend on what ran before it in this process.
+    torch.manual_seed(cfg.seed)
+    if phase.init is not None:
+        model.load_state_dict(phase.init)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(cfg, params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(phase.steps))
+    step, best_step, best_val = 0, 0, -1.0
+    history: list[tuple[int, float]] = []
+    log: list[tuple[int, dict[str, float]]] = []
     if last_path.exists():
         state = load_state(last_path)
         model.load_state_dict(state["model"])
@@ -326,63 +399,132 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
         torch.set_rng_state(state["rng"])
         step, best_step, best_val = state["step"], state["best_step"], state["best_val"]
         history = [tuple(h) for h in state["history"]]
+        log = [(s, dict(m)) for s, m in state.get("log", [])]
     resumed_from = step
-    emit = on_metrics or (lambda metrics, s: None)
-    bar = tqdm(total=total, initial=step, desc=f"train {cfg.model}", unit="step",
+
+    def record(metrics: dict[str, float], local_step: int) -> None:
+        log.append((phase.offset + local_step, metrics))
+        emit(metrics, phase.offset + local_step)
+
+    bar = tqdm(total=phase.steps, initial=step, desc=f"train {cfg.model}", unit="step",
                disable=not progress)
     done_here = 0
-    while step < total:
+    while step < phase.steps:
         model.train()
-        sampler = samplers[episode_stream(cfg, step)]
+        sampler = phase.stream(step)
         batch = make_batch(episodes_for_step(sampler, step, cfg.batch_size), device, cache)
         with _autocast(device):
             loss = training_loss(model, batch, cfg.ways, cfg)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at step {step}")
+            raise FloatingPointError(f"training loss is {loss.item()} at step "
+                                     f"{phase.offset + step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         step += 1
         done_here += 1
-        history.append((step, float(loss.item())))
-        emit({"train/loss": history[-1][1], "train/lr": sched.get_last_lr()[0]}, step)
+        history.append((phase.offset + step, float(loss.item())))
+        record({"train/loss": history[-1][1], "train/lr": sched.get_last_lr()[0]}, step)
         bar.update()
         bar.set_postfix(loss=f"{history[-1][1]:.3f}")
-        if pseudo_val is not None and (step % cfg.val_every == 0 or step == total):
+        validate = step % cfg.val_every == 0 or step == phase.steps
+        if pseudo_val is not None and validate:
             fit = evaluate(model, pseudo_val, episodes=cfg.val_episodes,
                            class_names=pseudo_val.class_names(), device=device,
                            scoring="hsnet", cache=cache)
-            emit({"val_pseudo/miou": fit.miou, "val_pseudo/fbiou": fit.fbiou}, step)
-        # Without labels (budget 0) nothing may select a checkpoint: the last one is kept.
-        if val_sampler is None and step == total:
-            best_step = step
-            save_checkpoint(best_path, {"model": model.state_dict(), "step": step,
+            record({"val_pseudo/miou": fit.miou, "val_pseudo/fbiou": fit.fbiou}, step)
+        if phase.val is None and step == phase.steps:  # nothing selects: the last one is kept
+            best_step = phase.offset + step
+            save_checkpoint(best_path, {"model": model.state_dict(), "step": best_step,
                                         "config": cfg.to_dict()})
-        elif val_sampler is not None and (step % cfg.val_every == 0 or step == total):
-            val = evaluate(model, val_sampler, episodes=cfg.val_episodes,
+        elif phase.val is not None and validate:
+            val = evaluate(model, phase.val, episodes=cfg.val_episodes,
                            class_names=ds.classes, device=device, scoring="hsnet", cache=cache)
-            emit({"val/miou": val.miou, "val/fbiou": val.fbiou}, step)
+            record({"val/miou": val.miou, "val/fbiou": val.fbiou}, step)
             if val.miou > best_val:
-                best_val, best_step = val.miou, step
-                save_checkpoint(best_path, {"model": model.state_dict(), "step": step,
+                best_val, best_step = val.miou, phase.offset + step
+                save_checkpoint(best_path, {"model": model.state_dict(), "step": best_step,
                                             "config": cfg.to_dict()})
-        if step % cfg.checkpoint_every == 0 or step == total:
+        if step % cfg.checkpoint_every == 0 or step == phase.steps:
             if on_checkpoint is not None:  # before the file: metrics up to it survive a crash
                 on_checkpoint()
             save_checkpoint(last_path, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "step": step,
                 "best_step": best_step, "best_val": best_val, "history": history,
-                "config": cfg.to_dict()})
+                "log": log, "config": cfg.to_dict()})
         if stop_after is not None and done_here >= stop_after:
             break
     bar.close()
-    if val_sampler is None:
-        best_val = float("nan")  # nothing was validated: no labels
-    return TrainResult(run_dir=run_dir, steps=step, best_step=best_step, best_val_miou=best_val,
+    return TrainResult(run_dir=run_dir, steps=phase.offset + step, best_step=best_step,
+                       best_val_miou=best_val if phase.val is not None else float("nan"),
                        history=history, seconds=time.perf_counter() - t0,
-                       resumed_from=resumed_from)
+                       resumed_from=phase.offset + resumed_from, log=log)
+
+
+def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = None,
+          on_checkpoint: Callable[[], None] | None = None, progress: bool = True,
+          stop_after: int | None = None, dataset: Dataset | None = None) -> TrainResult:
+    """Train (or resume) a point in `run_dir`; returns when all `total_steps(cfg)` are done.
+
+    finetune with pseudo tasks trains the pseudo phase once per seed and pseudo setting, in
+    `out_dir/pseudo-phase/` (under a file lock: concurrent points wait for it, then reuse it).
+    The 0 % point is that phase; a labelled budget starts from its final weights with a fresh
+    optimiser and its own warm-up + cosine schedule over `steps`, and only checkpoints of this
+    labelled phase compete for `best.pt`. `on_checkpoint` runs after each checkpoint (the
+    tracker flushes its metrics there, so a resumed run has no gap). `stop_after` ends this
+    call after that many steps (tests simulate a crash with it). `dataset`, when the caller has
+    it open, is reused (with its warm shard cache) instead of opened again.
+    """
+    t0 = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    ds = dataset if dataset is not None else open_dataset(cfg.store, cfg.dataset)
+    labelled = labelled_data(cfg, ds)
+    pseudo = pseudo_sampler(cfg, ds)
+    if labelled.train is None and pseudo is None:
+        raise ValueError("budget 0 without pseudo tasks has nothing to train on")
+    # Label-free monitor: how well the model fits pseudo episodes it was not trained on (other
+    # seed, same unlabelled images). Logged only; it never selects a checkpoint.
+    pseudo_val = pseudo_sampler(cfg, ds, seed=cfg.seed + 30_000) if pseudo else None
+    emit = on_metrics or (lambda metrics, s: None)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device)
+    cache = feature_cache(cfg, model, ds, device)
+    run = functools.partial(run_phase, cfg, model=model, ds=ds, device=device, cache=cache,
+                            pseudo_val=pseudo_val, progress=progress)
+    accounting = {"labels": {"images": labelled.images, "pixels": labelled.pixels},
+                  "selection": labelled.selection}
+    if not two_phase(cfg):
+        samplers = {"labelled": labelled.train, "pseudo": pseudo}
+        phase = Phase(cfg.steps, lambda s: samplers[episode_stream(cfg, s)], labelled.val)
+        result = run(phase, run_dir, emit=emit, on_checkpoint=on_checkpoint,
+                     stop_after=stop_after)
+        return dataclasses.replace(result, seconds=time.perf_counter() - t0, **accounting)
+
+    phase_dir = pseudo_phase_dir(cfg, ds)
+    phase_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(phase_dir.parent / f"{phase_dir.name}.lock"):
+        first = run(Phase(cfg.pseudo_steps, lambda s: pseudo, None), phase_dir,
+                    emit=lambda metrics, s: None, stop_after=stop_after)
+    last_path = run_dir / "checkpoints" / "last.pt"
+    if not last_path.exists():  # the labelled phase has not started: show the pseudo curves
+        for step, metrics in first.log:
+            emit(metrics, step)
+    if first.steps < cfg.pseudo_steps or cfg.budget == 0:
+        if first.steps == cfg.pseudo_steps:  # the 0 % point is the pseudo phase
+            state = load_state(phase_dir / "checkpoints" / "best.pt")
+            save_checkpoint(run_dir / "checkpoints" / "best.pt", state | {"config": cfg.to_dict()})
+        return dataclasses.replace(first, run_dir=run_dir, seconds=time.perf_counter() - t0,
+                                   **accounting)
+    init = load_state(phase_dir / "checkpoints" / "last.pt")["model"]
+    phase = Phase(cfg.steps, lambda s: labelled.train, labelled.val, offset=cfg.pseudo_steps,
+                  init=None if last_path.exists() else init)
+    left = None if stop_after is None else stop_after - (first.steps - first.resumed_from)
+    result = run(phase, run_dir, emit=emit, on_checkpoint=on_checkpoint, stop_after=left)
+    return dataclasses.replace(result, seconds=time.perf_counter() - t0, **accounting)
 
 
 def feature_cache(cfg: TrainConfig, model: nn.Module, ds: Dataset,
