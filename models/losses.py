@@ -60,21 +60,35 @@ def dice_loss(
     from_logits: bool = True,
     smooth: float = 1.0,
 ) -> Tensor:
-    """Binary (foreground/background) soft Dice loss, mean over the batch.
+    """Binary soft Dice loss over both channels (background and foreground), as UMTFSS defines it.
 
     ``logits_or_probs``: (B, H, W) or (B, 1, H, W) foreground scores (sigmoid applied when
-    ``from_logits``), or (B, 2, H, W) background/foreground scores (softmax applied when
-    ``from_logits``; channel 1 is the foreground). ``target``: (B, H, W) in ``{0, 1,
-    ignore_index}``. Ignored pixels count in neither the overlap nor the sizes:
-    ``1 - (2Σpt + s) / (Σp + Σt + s)`` over valid pixels of each image.
+    ``from_logits``; the background probability is ``1 - fg``), or (B, 2, H, W)
+    background/foreground scores (softmax applied when ``from_logits``; channel 1 is the
+    foreground). ``target``: (B, H, W) in ``{0, 1, ignore_index}``.
+
+    For each image and each channel c ∈ {background, foreground}, with p_c the predicted
+    probability and t_c the one-hot target, ``1 - (2Σp_c·t_c + s) / (Σp_c + Σt_c + s)``; the two
+    channel losses are averaged, then the images. Scoring the background too is what keeps a
+    small object from making "all foreground" the cheap answer: on a 10 % object, all foreground
+    costs ≈0.91 and all background ≈0.53 (s → 0), where a foreground-only Dice gives 0.82 vs 1.
+
+    Deviations from the reference (``weighted_dice_loss``): ignored pixels count in neither the
+    overlaps nor the sizes (the reference counts their predictions in the sizes); the channel
+    losses are averaged, not summed (half the reference's scale); sizes are Σp, not Σp², and
+    smoothing ``s`` replaces the reference's ``eps`` clamp; a 2-channel input is a softmax
+    rather than two independent sigmoids.
     """
     x = logits_or_probs
     if x.dim() == 4 and x.shape[1] == 2:
-        fg = x.softmax(dim=1)[:, 1] if from_logits else x[:, 1]
+        probs = x.softmax(dim=1) if from_logits else x
+        bg, fg = probs[:, 0], probs[:, 1]
     elif x.dim() == 4 and x.shape[1] == 1:
         fg = x[:, 0].sigmoid() if from_logits else x[:, 0]
+        bg = 1 - fg
     elif x.dim() == 3:
         fg = x.sigmoid() if from_logits else x
+        bg = 1 - fg
     else:
         raise ValueError(f"expected (B, H, W), (B, 1, H, W) or (B, 2, H, W), got {tuple(x.shape)}")
     if fg.shape != target.shape:
@@ -84,9 +98,9 @@ def dice_loss(
         raise ValueError(f"dice_loss is binary: target must be 0, 1 or {ignore_index}")
 
     valid = valid.to(fg.dtype)
-    p = fg * valid
-    t = (target == 1).to(fg.dtype) * valid
-    dims = tuple(range(1, fg.dim()))
+    p = torch.stack((bg, fg), dim=1) * valid.unsqueeze(1)  # (B, 2, H, W)
+    t = torch.stack((target == 0, target == 1), dim=1).to(fg.dtype) * valid.unsqueeze(1)
+    dims = tuple(range(2, p.dim()))
     inter = (p * t).sum(dims)
-    dice = (2 * inter + smooth) / (p.sum(dims) + t.sum(dims) + smooth)
-    return (1 - dice).mean()
+    dice = (2 * inter + smooth) / (p.sum(dims) + t.sum(dims) + smooth)  # (B, 2)
+    return (1 - dice).mean(dim=1).mean()

@@ -28,7 +28,8 @@ Deliberate departures from the reference code:
   square instead.
 - k-means is seeded with a fixed generator on every forward, so the output is a deterministic
   function of the inputs (repeatable evaluation; the cached-feature path equals the image path).
-- ``loss`` excludes 255 pixels from the Dice loss; the reference counts them.
+- ``loss`` excludes 255 pixels from the (background + foreground) Dice loss; the reference
+  counts them. Its two channel terms are averaged rather than summed (half the scale).
 
 Cached-feature convention (``forward(..., features=...)``): ``features`` is
 ``{"query": {"layer2", "layer3", "layer4"}, "support": {same keys}}`` holding the raw backbone
@@ -243,10 +244,11 @@ class UMTTransformer(nn.Module):
         return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
 
     def loss(self, logits: Tensor, target: Tensor, *, ce_weight: float = 0.0) -> Tensor:
-        """Dice loss on the foreground probability (the paper's loss) + ``ce_weight`` × CE.
+        """Dice loss (the paper's loss) + ``ce_weight`` × CE.
 
-        Pixels labelled 255 are excluded from both terms (the reference Dice counts them).
-        Dice is computed per image (smoothing 1) and averaged over the batch.
+        Dice scores both channels, background and foreground, as the reference does: per image
+        and channel (smoothing 1), averaged over the two channels, then over the batch. Pixels
+        labelled 255 are excluded from both terms (the reference Dice counts them).
         """
         loss = dice_loss(logits, target, IGNORE_INDEX)
         if ce_weight:

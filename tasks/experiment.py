@@ -33,7 +33,8 @@ RESULT = "result.json"
 
 def point_tags(cfg: TrainConfig) -> dict[str, str]:
     return {"model": cfg.model, "budget": f"{cfg.budget:g}", "fold": str(cfg.fold),
-            "shots": str(cfg.shots), "ways": str(cfg.ways), "seed": str(cfg.seed)}
+            "shots": str(cfg.shots), "ways": str(cfg.ways), "seed": str(cfg.seed),
+            "budget_seed": str(cfg.budget_seed)}
 
 
 def run_name(cfg: TrainConfig, data_version: str) -> str:
@@ -77,15 +78,23 @@ def run_point(cfg: TrainConfig, *, parent_run_id: str | None = None,
         best = run_dir / "checkpoints" / "best.pt"
         model.load_state_dict(load_state(best)["model"])
         results = evaluate_fold(cfg, model, keep_samples=8, progress=progress, dataset=ds)
+        labels = {"labels/images": fit.labels["images"], "labels/pixels": fit.labels["pixels"]}
         summary: dict[str, Any] = {"run_id": tracker.run_id, "run_name": name,
                                    "tags": point_tags(cfg), "best_step": fit.best_step,
-                                   "val_miou": fit.best_val_miou, "train_seconds": fit.seconds}
+                                   "val_miou": fit.best_val_miou, "train_seconds": fit.seconds,
+                                   "selection": fit.selection} | labels
         for r in results:
             prefix = metric_prefix(cfg, r)
-            tracker.log_metrics(r.metrics(prefix), step=fit.steps)
+            tracker.log_metrics(r.metrics(prefix) | {f"{prefix}/episodes": r.episodes},
+                                step=fit.steps)
             summary[f"{prefix}/miou"], summary[f"{prefix}/fbiou"] = r.miou, r.fbiou
             write_eval_artifacts(run_dir / "eval" / prefix.replace("/", "_"), r, ds.classes)
-        tracker.log_metrics({"best_step": fit.best_step, "train/seconds": fit.seconds})
+        own = next((r for r in results if metric_prefix(cfg, r) == "test"), results[0])
+        summary["dropped_classes"] = own.dropped
+        tracker.set_tags({"test.classes": ",".join(own.per_class),
+                          "test.dropped_classes": ",".join(own.dropped),
+                          "selection": fit.selection})
+        tracker.log_metrics({"best_step": fit.best_step, "train/seconds": fit.seconds} | labels)
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(best, "checkpoints")
         for folder in sorted((run_dir / "eval").iterdir()):
@@ -106,6 +115,12 @@ def write_eval_artifacts(folder: Path, r: EvalResult, class_names: list[str]) ->
         w.writerow(["class", "iou"])
         w.writerows([[k, f"{v:.4f}"] for k, v in r.per_class.items()])
         w.writerows([["mIoU", f"{r.miou:.4f}"], ["FB-IoU", f"{r.fbiou:.4f}"]])
+    # One row per (episode, episode class): the paired bootstrap of tasks/intervals.py
+    # resamples these, and the same episode index is the same test episode in every point.
+    with open(folder / "episodes.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["episode", "class_id", "class", "intersection", "union"])
+        w.writerows([[e, c, class_names[c], i, u] for e, c, i, u in r.episode_rows])
     if r.samples:
         render_grid([ep for ep, _ in r.samples], [p for _, p in r.samples],
                     folder / "overlays.png", class_names=class_names)

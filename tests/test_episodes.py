@@ -208,3 +208,16 @@ def test_store_fixture_is_what_the_tests_assume(ds: store.Dataset) -> None:
     # Guards the thresholds above: the labels are 64 px, images 48 px, 120/40 split.
     assert ds.size == 48 and len(ds.split_ids("train")) == 120 and len(ds.split_ids("val")) == 40
     assert ds.original_mask(ds.ids[0]).shape == (64, 64)
+
+
+def test_held_out_share_is_even_and_nested_across_budgets() -> None:
+    from tasks.episodes import hold_out
+
+    ids = [f"i{k:03d}" for k in range(200)]
+    small, large = label_budget(ids, 0.1, seed=4), label_budget(ids, 0.5, seed=4)
+    (train_s, held_s), (train_l, held_l) = hold_out(small, 0.2), hold_out(large, 0.2)
+    assert len(held_s) == 4 and len(held_l) == 20
+    assert set(held_s) <= set(held_l) and set(train_s) <= set(train_l)  # nested
+    assert not set(train_l) & set(held_l) and sorted(train_l + held_l) == sorted(large)
+    assert hold_out(small[:4], 0.2) == (small[:4], [])  # too few to hold one out
+    assert label_budget(ids, 0.1, seed=5) != small  # another draw, another subset

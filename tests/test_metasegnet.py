@@ -106,6 +106,72 @@ def test_dice_loss_excludes_ignored_pixels() -> None:
         dice_loss(logit, torch.full((2, 8, 8), 2))
 
 
+def _object_10pct() -> torch.Tensor:
+    """(1, 100, 100) target, a 10 × 100 foreground band: 1000 fg and 9000 bg pixels."""
+    target = torch.zeros(1, 100, 100, dtype=torch.long)
+    target[:, :10] = 1
+    return target
+
+
+def test_dice_loss_scores_background_too() -> None:
+    """Both channels: on a 10 % object, all background beats all foreground (no fg collapse)."""
+    target = _object_10pct()
+    s = 1.0  # the default smoothing
+    n_fg, n_bg = 1000.0, 9000.0
+    all_fg = torch.ones(1, 100, 100)
+    all_bg = torch.zeros(1, 100, 100)
+    # All foreground: bg Dice (0 + s)/(0 + n_bg + s), fg Dice (2·n_fg + s)/(n_fg+n_fg+n_bg + s).
+    exp_fg = 1 - ((s / (n_bg + s)) + (2 * n_fg + s) / (2 * n_fg + n_bg + s)) / 2
+    # All background: bg Dice (2·n_bg + s)/(n_bg+n_fg+n_bg + s), fg Dice (0 + s)/(0 + n_fg + s).
+    exp_bg = 1 - ((2 * n_bg + s) / (2 * n_bg + n_fg + s) + s / (n_fg + s)) / 2
+    loss_fg = dice_loss(all_fg, target, from_logits=False).item()
+    loss_bg = dice_loss(all_bg, target, from_logits=False).item()
+    assert loss_fg == pytest.approx(exp_fg, rel=1e-5)
+    assert loss_bg == pytest.approx(exp_bg, rel=1e-5)
+    assert loss_fg == pytest.approx(0.909, abs=1e-3)  # s → 0: 1 - (0 + 2/11)/2
+    assert loss_bg == pytest.approx(0.526, abs=1e-3)  # s → 0: 1 - (18/19 + 0)/2
+    assert loss_bg < loss_fg
+    # Perfect prediction → 0, also as saturated 2-channel logits.
+    assert dice_loss(target.float(), target, from_logits=False).item() == pytest.approx(0.0)
+    logits = torch.stack(((target == 0).float(), (target == 1).float()), 1) * 50
+    assert dice_loss(logits, target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dice_loss_ignored_pixels_and_channel_layouts() -> None:
+    g = torch.Generator().manual_seed(0)
+    target = _object_10pct().repeat(2, 1, 1)
+    target[:, 40:60] = 255
+    probs = torch.rand(2, 100, 100, generator=g)
+    flipped = probs.clone()
+    flipped[:, 40:60] = 1 - flipped[:, 40:60]
+    flipped[0, 50:60] = 1.0  # and some saturated
+    a = dice_loss(probs, target, from_logits=False)
+    torch.testing.assert_close(a, dice_loss(flipped, target, from_logits=False))
+    # Ignoring 255 = dropping those rows: the same loss as on the image without them.
+    kept = torch.cat((probs[:, :40], probs[:, 60:]), 1)
+    torch.testing.assert_close(
+        a, dice_loss(kept, torch.cat((target[:, :40], target[:, 60:]), 1), from_logits=False)
+    )
+    # (B, H, W), (B, 1, H, W) and (B, 2, H, W) agree, on probabilities and on logits.
+    two = torch.stack((1 - probs, probs), 1)
+    torch.testing.assert_close(a, dice_loss(probs[:, None], target, from_logits=False))
+    torch.testing.assert_close(a, dice_loss(two, target, from_logits=False))
+    logit = torch.randn(2, 100, 100, generator=g)
+    ref = dice_loss(logit, target)
+    torch.testing.assert_close(ref, dice_loss(logit[:, None], target))
+    two_logits = torch.stack((torch.zeros_like(logit), logit), 1)  # softmax = sigmoid
+    torch.testing.assert_close(ref, dice_loss(two_logits, target))
+    # Own per-image, per-channel expectation (smoothing 1).
+    valid = target != 255
+    exp = []
+    for i in range(2):
+        for c, pc in ((0, 1 - probs[i]), (1, probs[i])):
+            tc = (target[i] == c)[valid[i]].float()
+            pv = pc[valid[i]]
+            exp.append(1 - (2 * (pv * tc).sum() + 1) / (pv.sum() + tc.sum() + 1))
+    torch.testing.assert_close(a, torch.stack(exp).mean())
+
+
 def test_masked_cross_entropy_all_ignored_is_zero() -> None:
     logits = torch.randn(1, 3, 4, 4, requires_grad=True)
     loss = masked_cross_entropy(logits, torch.full((1, 4, 4), 255))

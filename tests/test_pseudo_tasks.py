@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tasks import store
 from tasks.config import TrainConfig
@@ -133,3 +134,63 @@ def test_zero_budget_trains_on_pseudo_tasks_without_labels(
     # The label-free monitor scored held-out pseudo episodes; nothing labelled was validated.
     assert 0.0 <= logged["val_pseudo/miou"] <= 1.0 and "val/miou" not in logged
     assert (tmp_path / "run" / "checkpoints" / "best.pt").exists()
+
+
+def _umt(url: str, tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(model="umt", store=url, dataset="synth", pseudo="latest", pseudo_steps=4,
+                steps=4, batch_size=2, checkpoint_every=2, val_every=2, val_episodes=4,
+                min_pixels=64, out_dir=str(tmp_path / "runs"),
+                model_args={"dim": 32, "n_fg_protos": 4, "n_bg_protos": 6, "heads": 2,
+                            "freeze_backbone": False})
+    return TrainConfig(**(base | kw))
+
+
+def test_pseudo_phase_is_trained_once_and_every_labelled_budget_starts_from_it(
+        tiny_store: str, pseudo_key: str, tmp_path: Path) -> None:
+    from tasks.store import open_dataset
+    from tasks.training import load_state, pseudo_phase_dir
+
+    zero = _umt(tiny_store, tmp_path, budget=0.0)
+    logged: dict[int, dict[str, float]] = {}
+    a = train(zero, tmp_path / "zero", progress=False,
+              on_metrics=lambda m, s: logged.setdefault(s, {}).update(m))
+    phase = pseudo_phase_dir(zero, open_dataset(tiny_store, "synth"))
+    phase_last = phase / "checkpoints" / "last.pt"
+    stamp = phase_last.stat().st_mtime_ns
+    # The 0 % model is exactly the pseudo phase's final model.
+    pseudo_final = load_state(phase_last)["model"]
+    zero_best = load_state(tmp_path / "zero" / "checkpoints" / "best.pt")
+    assert a.steps == 4 and all(torch.equal(v, zero_best["model"][k])
+                                for k, v in pseudo_final.items())
+    assert zero_best["config"]["budget"] == 0.0 and sorted(logged) == [1, 2, 3, 4]
+
+    steps: dict[int, dict[str, float]] = {}
+    for budget in (0.5, 1.0):
+        cfg = _umt(tiny_store, tmp_path, budget=budget)
+        assert pseudo_phase_dir(cfg, open_dataset(tiny_store, "synth")) == phase
+        steps.clear()
+        result = train(cfg, tmp_path / f"b{budget}", progress=False,
+                       on_metrics=lambda m, s: steps.setdefault(s, {}).update(m))
+        assert phase_last.stat().st_mtime_ns == stamp  # reused, not retrained
+        assert result.steps == 8
+        # The labelled phase has its own warm-up + cosine over its 4 steps: it starts at the
+        # full rate again (the pseudo phase's schedule had decayed to ~0 by its step 4).
+        assert steps[4]["train/lr"] < 0.2 * cfg.lr
+        assert steps[5]["train/lr"] == pytest.approx(cfg.lr)
+        # Only labelled-phase checkpoints compete for best.pt.
+        assert result.best_step > cfg.pseudo_steps or np.isnan(result.best_val_miou)
+        assert load_state(tmp_path / f"b{budget}" / "checkpoints" / "best.pt")["step"] > 4
+
+
+def test_a_crashed_labelled_phase_resumes_to_the_same_weights(
+        tiny_store: str, pseudo_key: str, tmp_path: Path) -> None:
+    from tasks.training import load_state
+
+    cfg = _umt(tiny_store, tmp_path, budget=0.5)
+    train(cfg, tmp_path / "straight", progress=False)
+    crashed = train(cfg, tmp_path / "crashed", progress=False, stop_after=3)
+    assert crashed.steps == 7  # the shared pseudo phase (4, reused) + 3 labelled steps
+    train(cfg, tmp_path / "crashed", progress=False)
+    a = load_state(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
+    b = load_state(tmp_path / "crashed" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())

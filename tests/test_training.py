@@ -109,3 +109,41 @@ def test_cached_frozen_features_train_identically(tiny_store: str, tmp_path: Pat
     with pytest.raises(ValueError, match="frozen backbone"):
         train(_cfg(tiny_store, tmp_path, "umt", cache_features=True), tmp_path / "x",
               progress=False)
+
+
+def test_budget_seed_follows_seed_unless_given() -> None:
+    assert TrainConfig(seed=3).budget_seed == 3
+    assert TrainConfig(seed=3, budget_seed=0).budget_seed == 0
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="adam")
+    with pytest.raises(ValueError, match="val_fraction"):
+        TrainConfig(val_fraction=1.0)
+
+
+def test_labels_read_are_counted_and_selection_uses_held_out_labelled_images(
+        tiny_store: str, tmp_path: Path) -> None:
+    from tasks.episodes import hold_out, label_budget
+    from tasks.store import open_dataset
+    from tasks.training import labelled_data
+
+    ds = open_dataset(tiny_store, "synth")
+    cfg = _cfg(tiny_store, tmp_path, "panet", budget=0.5, seed=2)
+    data = labelled_data(cfg, ds)
+    subset = label_budget(ds.split_ids("train"), 0.5, 2)
+    train_ids, held = hold_out(subset, cfg.val_fraction)
+    assert data.images == len(subset) == 20
+    assert data.pixels == sum(int(ds.pixels(i).sum()) for i in subset)
+    assert data.train.image_ids == sorted(train_ids)
+    assert data.val.image_ids == sorted(held) and data.val.split == "train"
+    assert "held-out" in data.selection
+    tiny = labelled_data(_cfg(tiny_store, tmp_path, "panet", budget=0.1, min_pixels=1), ds)
+    assert tiny.val is None and tiny.selection.startswith("last checkpoint")
+    none = labelled_data(_cfg(tiny_store, tmp_path, "panet", budget=0.0), ds)
+    assert (none.images, none.pixels, none.train) == (0, 0, None)
+
+
+def test_sgd_trains_and_resumes(tiny_store: str, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_store, tmp_path, "panet", optimizer="sgd", steps=2)
+    result = train(cfg, tmp_path / "sgd", progress=False)
+    state = load_state(tmp_path / "sgd" / "checkpoints" / "last.pt")
+    assert result.steps == 2 and "momentum_buffer" in str(state["optimizer"]["state"])

@@ -178,13 +178,16 @@ def test_loss_ignores_255_pixels():
         a, b = model.loss(logits, target, ce_weight=ce), model.loss(changed, target, ce_weight=ce)
         torch.testing.assert_close(a, b)
 
-    # Own expectation: per-image Dice over the non-ignored pixels, smoothing 1, batch mean.
+    # Own expectation: per-image, per-channel (bg, fg) Dice over the non-ignored pixels,
+    # smoothing 1, mean over the two channels, then over the batch.
     valid = target != 255
-    p = logits.softmax(1)[:, 1]
-    t = (target == 1).float()
+    probs = logits.softmax(1)
     dice = [
-        1 - (2 * (p[i] * t[i])[valid[i]].sum() + 1) / (p[i][valid[i]].sum() + t[i].sum() + 1)
+        1
+        - (2 * (probs[i, c] * (target[i] == c))[valid[i]].sum() + 1)
+        / (probs[i, c][valid[i]].sum() + (target[i] == c).sum() + 1)
         for i in range(2)
+        for c in range(2)
     ]
     torch.testing.assert_close(model.loss(logits, target), torch.stack(dice).mean())
     perfect = torch.stack(((target != 1).float(), (target == 1).float()), 1) * 40
