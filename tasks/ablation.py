@@ -19,7 +19,7 @@ import yaml
 
 from tasks.config import TrainConfig, apply_overrides, from_dict, parse_value
 
-GRID_KEYS = ("model", "budget", "fold", "shots", "ways", "seed")
+GRID_KEYS = ("model", "budget", "fold", "shots", "ways", "seed", "budget_seed")
 
 
 @dataclass

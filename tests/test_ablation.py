@@ -40,6 +40,12 @@ def test_expand_grid_points_and_model_overrides() -> None:
     assert len(seeds) == 4 * 3 + 1 and spec["grid"] == {"model": ["panet", "umt"],
                                                          "budget": [0.2, 1.0]}
     assert len(expand(set_grid(spec, ["budget=0.5"]))) == 2 + 1
+    # Seeds resample the labelled subset unless budget draws are an axis of their own.
+    study = study_from_dict({"study": "s", "experiment": "e", "grid": {"seed": [0, 1]}})
+    assert [p.budget_seed for p in study.points] == [0, 1]
+    draws = study_from_dict({"study": "s", "experiment": "e",
+                             "grid": {"seed": [0], "budget_seed": [0, 1, 2]}})
+    assert [(p.seed, p.budget_seed) for p in draws.points] == [(0, 0), (0, 1), (0, 2)]
     with pytest.raises(ValueError, match="--grid"):
         set_grid(spec, ["lr=[1, 2]"])
     with pytest.raises(ValueError, match="not sweepable"):

@@ -80,8 +80,19 @@ def test_point_is_tracked_in_mlflow_and_rerun_is_noop(
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoints", "eval"} <= artifacts
     evals = {a.path for a in client.list_artifacts(run.info.run_id, "eval/test")}
-    assert {"eval/test/per_class_iou.csv", "eval/test/overlays.png"} <= evals
+    assert {"eval/test/per_class_iou.csv", "eval/test/overlays.png",
+            "eval/test/episodes.csv"} <= evals
     assert 0.0 <= result["test/miou"] <= 1.0
+    assert run.data.metrics["labels/images"] == 20 and run.data.metrics["labels/pixels"] > 0
+    assert run.data.tags["budget_seed"] == "0" and "held-out" in run.data.tags["selection"]
+    # The per-episode rows recompute the logged mIoU: sums per class, then the mean.
+    import pandas as pd
+
+    rows = pd.read_csv(tmp_path / "runs" / result["run_name"] / "eval" / "test" / "episodes.csv")
+    sums = rows.groupby("class")[["intersection", "union"]].sum()
+    sums = sums[sums["union"] > 0]
+    assert (sums["intersection"] / sums["union"]).mean() == pytest.approx(result["test/miou"])
+    assert rows["episode"].nunique() == cfg.test_episodes
 
     again = run_point(cfg, progress=False)
     assert again["skipped"] and again["run_id"] == result["run_id"]
