@@ -58,10 +58,10 @@ def zero_budget_config(workdir: Path, test_episodes: int) -> TrainConfig:
 def run_setting(cfg: TrainConfig, setting: tuple[int, float, int]) -> dict:
     torch.set_num_threads(1)
     pseudo_steps, lr, seed = setting
-    cfg = dataclasses.replace(cfg, pseudo_steps=pseudo_steps, lr=lr, seed=seed,
-                              checkpoint_every=10**6, val_every=pseudo_steps)
     logged: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the pseudo phase goes there too
+        cfg = dataclasses.replace(cfg, pseudo_steps=pseudo_steps, lr=lr, seed=seed,
+                                  checkpoint_every=10**6, val_every=pseudo_steps, out_dir=tmp)
         ds = open_dataset(cfg.store, cfg.dataset)
         t0 = time.perf_counter()
         train(cfg, Path(tmp), progress=False, dataset=ds,
