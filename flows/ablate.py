@@ -36,6 +36,9 @@ def _parent_tracker(name: str, experiment: str) -> Tracker:
     return Tracker(experiment, run_name=f"ablation {name}", tags=tags)
 
 
+SUMMARY_TABLE = "summary/summary_table.json"
+
+
 @flow(name="ablation")
 def ablation_flow(study: dict[str, Any], overrides: list[str] | None = None,
                   out_dir: str = "reports", progress: bool = True) -> dict[str, Any]:
@@ -60,20 +63,53 @@ def ablation_flow(study: dict[str, Any], overrides: list[str] | None = None,
     bar.close()
     results = report.child_results(parent.run_id)
     folder = Path(out_dir) / spec.name
-    paths = report.write_summary(results, folder, title=f"{spec.name}: mIoU vs label budget")
-    for path in paths.values():
-        parent.log_artifact(path, "summary")
-    table = report.summarize(results)
-    markdown = report.to_markdown(table)
+    summary = report.build_summary(results, report.load_episodes(results))
+    paths = report.write_summary(summary, results, folder,
+                                 title=f"{spec.name}: mIoU vs labelled images")
+    _log_summary(parent, summary, paths)
+    table = report.table_markdown(summary.table)
+    markdown = report.to_markdown(summary)
     create_markdown_artifact(markdown=f"# Ablation {spec.name}\n\n{markdown}",
                              description=f"label-budget ablation {spec.name}")
-    create_table_artifact(table=table.round(2).to_dict(orient="records"),
+    create_table_artifact(table=_records(summary.table),
                           description=f"label-budget ablation {spec.name}")
     parent.finish("FAILED" if failed else "FINISHED")
     return {"parent_run_id": parent.run_id, "experiment": spec.experiment,
             "points": len(spec.points), "trained": sum(not d.get("skipped") for d in done),
             "skipped": sum(bool(d.get("skipped")) for d in done), "failed": failed,
-            "table": markdown, "files": {k: str(v) for k, v in paths.items()}}
+            "table": table, "report": markdown, "files": {k: str(v) for k, v in paths.items()}}
+
+
+def _log_summary(parent: Tracker, summary: report.Summary, paths: dict[str, Path]) -> None:
+    """On the parent run: the files, the table as an MLflow table (browsable in the UI), the
+    per-budget mIoU and the budget estimates as metrics."""
+    for path in paths.values():
+        parent.log_artifact(path, "summary")
+    # log_table appends to an existing table: a resumed or widened study replaces it instead.
+    _delete_artifact(parent, SUMMARY_TABLE)
+    parent.client.log_table(parent.run_id, data=summary.table, artifact_file=SUMMARY_TABLE)
+    parent.log_metrics(report.summary_metrics(summary))
+    parent.flush()
+
+
+def _delete_artifact(tracker: Tracker, path: str) -> None:
+    """Remove one artifact of a run, where the artifact store allows it (local, S3, the MLflow
+    artifact proxy); elsewhere the table is appended to, as MLflow does."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    folder = Path(path).parent.as_posix()
+    if all(a.path != path for a in tracker.client.list_artifacts(tracker.run_id, folder)):
+        return
+    uri = tracker.client.get_run(tracker.run_id).info.artifact_uri
+    with contextlib.suppress(MlflowException, NotImplementedError, OSError):
+        get_artifact_repository(uri).delete_artifacts(path)
+
+
+def _records(table: Any) -> list[dict[str, Any]]:
+    """Rows for a Prefect table artifact: rounded, and None for n/a (JSON has no NaN)."""
+    rounded = table.round(2).astype(object)
+    return rounded.where(rounded.notna(), None).to_dict(orient="records")
 
 
 def run_ablation(study: dict[str, Any], *, workers: int = 1, dask_address: str | None = None,

@@ -180,11 +180,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ValueError(f"no ablation found in experiment {args.experiment!r}")
     results = report.child_results(run.info.run_id)
     name = run.data.tags.get(report.STUDY_TAG, "study")
-    paths = report.write_summary(results, Path(args.out) / name,
-                                 title=f"{name}: mIoU vs label budget")
+    summary = report.build_summary(results, report.load_episodes(results))
+    paths = report.write_summary(summary, results, Path(args.out) / name,
+                                 title=f"{name}: mIoU vs labelled images")
     status = run.info.status.lower()
     print(f"ablation {name} ({status}): {len(results)} finished points")
-    print(report.to_markdown(report.summarize(results)))
+    print(report.to_markdown(summary))
     print(f"plot: {paths['plot']}")
     return 0
 
@@ -273,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--dask-address", help="existing Dask scheduler (or env FSS_DASK_ADDRESS)")
     a.set_defaults(func=cmd_ablate)
 
-    r = sub.add_parser("report", help="summary table and plot of an ablation (also running)")
+    r = sub.add_parser("report", help="summary tables (95 %% intervals, budget estimate) and plot "
+                                      "of an ablation (also running)")
     r.add_argument("--experiment", required=True, help="MLflow experiment of the study")
     r.add_argument("--study", help="study name (default: the latest ablation)")
     r.add_argument("--out", default="reports")

@@ -1,8 +1,9 @@
 """`fss demo`: the whole pipeline on the embedded default, in one command.
 
 synthetic benchmark → ingest (Dask → Zarr) → self-supervised pretraining → features → k-means
-pseudo masks + cluster report → label-budget ablation (UMT at 0/20/100 % next to PANet, and
-MetaSegNet 2-way) → summary table, plot and the command that opens MLflow on it.
+pseudo masks + cluster report → label-budget ablation (UMT at 0/5/10/20/100 % over three
+seeds, PANet, MetaSegNet 2-way) → summary table with intervals, the budget estimate, plot and
+the command that opens MLflow on it.
 Everything goes under `--workdir`; every stage is idempotent, so a rerun only reprints.
 """
 
@@ -95,8 +96,8 @@ def run_demo(workdir: Path, *, quick: bool = False, workers: int = 2) -> int:
                             experiment="synthetic-clusters")
         _done(t, f"pseudo masks {pseudo['key']}; " + _cluster_line(pseudo.get("report")))
 
-        t = _stage(5, "label-budget ablation: UMT at 0/20/100 % next to PANet, MetaSegNet "
-                      "2-way (one Dask task per point)")
+        t = _stage(5, "label-budget ablation: UMT at 0/5/10/20/100 % over 3 seeds, PANet, "
+                      "MetaSegNet 2-way (one Dask task per point)")
         study, overrides = demo_study(store_url, pre["backbone"], str(workdir / "runs"), quick)
         result = run_ablation(study, workers=workers, overrides=overrides,
                               out_dir=str(workdir / "reports"))
@@ -106,7 +107,7 @@ def run_demo(workdir: Path, *, quick: bool = False, workers: int = 2) -> int:
             print(f"      failed: {message}")
 
         _stage(6, "summary (test mIoU on fold 0's novel classes, 1-way 1-shot unless noted)")
-    print(result["table"])
+    print(result["report"])
     if quick:
         print("\n--quick: toy sizes and a few steps per point; the numbers only show that every "
               "stage ran (UMT needs a few hundred pseudo steps to leave its all-background "

@@ -1,19 +1,46 @@
-"""Ablation summaries read back from MLflow: a table (mean ± std) and a plot of mIoU vs budget.
+"""Ablation summaries read back from MLflow: intervals per budget, the budget estimate, a plot.
 
 The flow and `fss report` share this code, and it reads only MLflow, so it works the same on a
-finished study and on one that is still running.
+finished study and on one that is still running. The statistics live in `tasks/intervals.py`:
+per budget, mIoU with a 95 % hierarchical paired bootstrap interval (seeds and test episodes
+resampled), its difference to and fraction of the 100 % budget, and per model the labelled
+images needed for 90 % and 95 % of full supervision. Runs logged before the per-episode
+artifact existed still get their mean, with "n/a" intervals.
 """
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+
+from tasks import intervals
+from tasks.intervals import BudgetEstimate, PowerLawFit
 
 STUDY_TAG = "fss.study"
 KIND_TAG = "fss.kind"
-TAG_COLUMNS = ["model", "budget", "fold", "shots", "ways", "seed"]
+TAG_COLUMNS = ["model", "budget", "fold", "shots", "ways", "seed", "budget_seed"]
+CLASS_TAGS = {"scored_classes": "test.classes", "dropped_classes": "test.dropped_classes"}
+METRIC_COLUMNS = {"miou": "test/miou", "fbiou": "test/fbiou", "labels_images": "labels/images",
+                  "labels_pixels": "labels/pixels"}
+EPISODES_ARTIFACT = "eval/test/episodes.csv"
+GROUP = ["model", "ways", "shots"]
+# A run's mIoU recomputed from its episode rows must match its logged test/miou.
+MIOU_TOLERANCE = 1e-6
+
+BIAS_NOTE = (
+    "Power laws fitted on small budgets under-estimate the data needed (Mahmood et al., CVPR "
+    "2022, \"How much more data do I need?\"), so the recommended figure is the upper end of "
+    "the 95 % bootstrap interval; the point estimate beside it is optimistic.")
+
+
+# --- reading MLflow ---------------------------------------------------------------------------
 
 
 def parent_run(experiment: str, study: str | None = None) -> Any | None:
@@ -35,7 +62,8 @@ def parent_run(experiment: str, study: str | None = None) -> Any | None:
 
 
 def child_results(parent_run_id: str) -> pd.DataFrame:
-    """One row per finished child run: its tags and its test metrics."""
+    """One row per finished child run: its tags, test metrics, labelled images and pixels, the
+    classes scored and dropped (comma-separated, None when not recorded) and its run id."""
     from mlflow.tracking import MlflowClient
 
     from tasks.tracking import tracking_uri
@@ -49,54 +77,331 @@ def child_results(parent_run_id: str) -> pd.DataFrame:
         if "test/miou" not in r.data.metrics:
             continue  # still training, or failed
         row = {c: r.data.tags.get(c) for c in TAG_COLUMNS}
-        row |= {"miou": r.data.metrics["test/miou"], "fbiou": r.data.metrics["test/fbiou"],
-                "run_id": r.info.run_id}
-        rows.append(row)
-    df = pd.DataFrame(rows, columns=[*TAG_COLUMNS, "miou", "fbiou", "run_id"])
+        row |= {c: r.data.metrics.get(m, math.nan) for c, m in METRIC_COLUMNS.items()}
+        row |= {c: r.data.tags.get(t) for c, t in CLASS_TAGS.items()}
+        rows.append(row | {"run_id": r.info.run_id})
+    columns = [*TAG_COLUMNS, *METRIC_COLUMNS, *CLASS_TAGS, "run_id"]
+    df = pd.DataFrame(rows, columns=columns)
     df["budget"] = df["budget"].astype(float)
+    for col in ("ways", "shots"):  # numeric, so that 10-way sorts after 2-way
+        as_int = pd.to_numeric(df[col], errors="coerce")
+        if as_int.notna().all():
+            df[col] = as_int.astype(int)
     return df
 
 
-def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± std over seeds and folds per model × ways × shots × budget (mIoU in %)."""
-    keys = ["model", "ways", "shots", "budget"]
-    if results.empty:
-        return pd.DataFrame(columns=[*keys, "miou_mean", "miou_std", "fbiou_mean", "runs"])
-    g = results.groupby(keys)
-    table = g.agg(miou_mean=("miou", "mean"), miou_std=("miou", "std"),
-                  fbiou_mean=("fbiou", "mean"), runs=("miou", "size")).reset_index()
-    table["miou_std"] = table["miou_std"].fillna(0.0)
-    for col in ("miou_mean", "miou_std", "fbiou_mean"):
-        table[col] = 100 * table[col]
-    return table.sort_values(keys).reset_index(drop=True)
+_EPISODES: dict[str, pd.DataFrame] = {}
+_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    lines = ["| model | ways | shots | budget | mIoU (%) | FB-IoU (%) | runs |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+def run_episodes(run_id: str, cache_dir: Path | None = None) -> pd.DataFrame | None:
+    """A run's `EPISODES_ARTIFACT` (None when the run has none: runs logged before it existed).
+
+    Cached per run in memory (a finished run's artifacts never change); ``cache_dir`` keeps the
+    downloaded files. A missing artifact is not cached: a running study may log it later.
+    """
+    if run_id in _EPISODES:
+        return _EPISODES[run_id]
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking import tracking_uri
+
+    dst = str(cache_dir / run_id) if cache_dir is not None else None
+    if dst is not None:
+        Path(dst).mkdir(parents=True, exist_ok=True)
+    # One progress bar per run would bury the report.
+    quiet = os.environ.get(_PROGRESS_BAR)
+    os.environ[_PROGRESS_BAR] = "false"
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=EPISODES_ARTIFACT,
+                                                   dst_path=dst, tracking_uri=tracking_uri())
+    except (MlflowException, OSError):
+        return None
+    finally:
+        if quiet is None:
+            del os.environ[_PROGRESS_BAR]
+        else:
+            os.environ[_PROGRESS_BAR] = quiet
+    _EPISODES[run_id] = table = pd.read_csv(path)
+    return table
+
+
+def load_episodes(results: pd.DataFrame, cache_dir: Path | None = None) -> dict[str, pd.DataFrame]:
+    """Episode tables of the runs of ``results`` that have one, by run id."""
+    tables = {rid: run_episodes(rid, cache_dir) for rid in results["run_id"]}
+    return {rid: t for rid, t in tables.items() if t is not None}
+
+
+# --- the summary ------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """Everything a report shows. ``table``: one row per model × ways × shots × budget, mIoU,
+    Δ and % of 100 % with intervals (``_lo``/``_hi``), all in %; ``estimates``: one row per
+    model × ways × shots × target; ``classes``: classes scored and dropped per fold × ways ×
+    shots; ``fits``: the accepted power-law fits, for the plot."""
+
+    table: pd.DataFrame
+    estimates: pd.DataFrame
+    classes: pd.DataFrame
+    warnings: list[str] = field(default_factory=list)
+    fits: dict[tuple[Any, ...], PowerLawFit] = field(default_factory=dict)
+    n_boot: int = intervals.N_BOOT
+
+
+TABLE_COLUMNS = [*GROUP, "budget", "images", "pixels", "miou_mean", "miou_lo", "miou_hi",
+                 "delta", "delta_lo", "delta_hi", "fraction", "fraction_lo", "fraction_hi",
+                 "miou_std", "fbiou_mean", "runs", "episodes"]
+ESTIMATE_COLUMNS = [*GROUP, "target", "target_miou", "images", "images_lo", "images_hi",
+                    "recommended", "region", "point_region", "measured_min", "measured_max",
+                    "refusal", "note", "fit_a", "fit_b", "fit_c", "fit_r2"]
+
+
+def build_summary(results: pd.DataFrame, episodes: Mapping[str, pd.DataFrame] | None = None, *,
+                  n_boot: int = intervals.N_BOOT, seed: int = 0) -> Summary:
+    """The summary of the child runs ``results`` (`child_results`); ``episodes`` maps run ids
+    to their episode tables (`load_episodes`); without it every interval is n/a."""
+    results = _with_columns(results)
+    tables, estimates, warnings, fits = [], [], [], {}
+    for key, group in results.groupby(GROUP, sort=True):
+        table, group_estimates, group_warnings = _group_summary(group, episodes or {}, n_boot,
+                                                                seed)
+        tables.append(table)
+        estimates += [_estimate_row(key, e) for e in group_estimates]
+        warnings += [f"{_setting(key)}: {w}" for w in group_warnings]
+        accepted = [e.fit for e in group_estimates if e.refusal is None and e.fit is not None]
+        if accepted:
+            fits[key] = accepted[0]
+    classes, class_warnings = _classes(results)
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    return Summary(table.reindex(columns=TABLE_COLUMNS),
+                   pd.DataFrame(estimates, columns=ESTIMATE_COLUMNS), classes,
+                   class_warnings + warnings, fits, n_boot)
+
+
+def _with_columns(results: pd.DataFrame) -> pd.DataFrame:
+    """Tolerate frames written before the label and class columns existed."""
+    out = results.copy()
+    for col in [*METRIC_COLUMNS, *CLASS_TAGS]:
+        if col not in out.columns:
+            out[col] = math.nan if col in METRIC_COLUMNS else None
+    return out
+
+
+def summarize(results: pd.DataFrame, episodes: Mapping[str, pd.DataFrame] | None = None, *,
+              n_boot: int = intervals.N_BOOT, seed: int = 0) -> pd.DataFrame:
+    """The per-budget table of `build_summary` (mIoU in %, intervals n/a without episodes)."""
+    return build_summary(results, episodes, n_boot=n_boot, seed=seed).table
+
+
+def _group_summary(group: pd.DataFrame, episodes: Mapping[str, pd.DataFrame], n_boot: int,
+                   seed: int) -> tuple[pd.DataFrame, list[BudgetEstimate], list[str]]:
+    """Per-budget rows (in %), the estimates and the warnings of one model × ways × shots."""
+    per_budget = group.groupby("budget").agg(
+        images=("labels_images", "mean"), pixels=("labels_pixels", "mean"),
+        miou_std=("miou", "std"), fbiou_mean=("fbiou", "mean"), runs=("miou", "size"))
+    per_budget["miou_std"] = per_budget["miou_std"].fillna(0.0)
+    keys = dict(zip(GROUP, group[GROUP].iloc[0], strict=True))
+    missing = [rid for rid in group["run_id"] if rid not in episodes]
+    if missing:
+        refusal = f"no episode-level results ({EPISODES_ARTIFACT}) to put intervals on"
+        found = [BudgetEstimate(t, math.nan, refusal=refusal) for t in intervals.TARGETS]
+        warning = (f"{len(missing)} of {len(group)} runs have no {EPISODES_ARTIFACT} (logged "
+                   "before it existed): means only, intervals and estimates n/a")
+        return _percent(_means_only(group), per_budget).assign(**keys), found, [warning]
+    runs = intervals.runs_from_tables(group, [episodes[rid] for rid in group["run_id"]])
+    warnings = _miou_mismatches(group, runs)
+    boot = intervals.bootstrap_budgets(runs, n_boot=n_boot, seed=seed)
+    images = per_budget["images"].reindex(boot.budgets).to_numpy()
+    found = intervals.estimate_budget(boot, images)
+    return _percent(boot.table(), per_budget).assign(**keys), found, warnings
+
+
+def _means_only(group: pd.DataFrame) -> pd.DataFrame:
+    """The statistics without episode rows: means over runs, nan intervals."""
+    out = group.groupby("budget")["miou"].agg(["mean", "size"]).reset_index()
+    out = out.rename(columns={"mean": "miou", "size": "n_runs"})
+    full = out.loc[np.isclose(out["budget"], intervals.FULL_BUDGET), "miou"]
+    full_miou = float(full.iloc[0]) if len(full) else math.nan
+    out["delta"] = out["miou"] - full_miou
+    out["fraction"] = out["miou"] / full_miou if full_miou > 0 else math.nan
+    for stat in intervals.STATISTICS:
+        out[f"{stat}_lo"] = out[f"{stat}_hi"] = math.nan
+    out["n_episodes"] = math.nan
+    return out
+
+
+def _percent(stats: pd.DataFrame, per_budget: pd.DataFrame) -> pd.DataFrame:
+    """Join the statistics with the per-budget facts, everything scored in %."""
+    out = stats.rename(columns={"miou": "miou_mean", "n_episodes": "episodes"})
+    out = out.drop(columns="n_runs").merge(per_budget.reset_index(), on="budget")
+    scored = ["miou_mean", "miou_lo", "miou_hi", "delta", "delta_lo", "delta_hi", "fraction",
+              "fraction_lo", "fraction_hi", "miou_std", "fbiou_mean"]
+    out[scored] = 100 * out[scored]
+    return out
+
+
+def _miou_mismatches(group: pd.DataFrame, runs: list[intervals.Run]) -> list[str]:
+    """The episode rows must reproduce each run's logged mIoU, or the intervals are of
+    something else."""
+    out = []
+    for run_id, logged, run in zip(group["run_id"], group["miou"], runs, strict=True):
+        if abs(run.miou - logged) > MIOU_TOLERANCE:
+            out.append(f"run {run_id}: mIoU from {EPISODES_ARTIFACT} {100 * run.miou:.3f} != "
+                       f"logged test/miou {100 * logged:.3f}")
+    return out
+
+
+def _estimate_row(key: tuple[Any, ...], e: BudgetEstimate) -> dict[str, Any]:
+    fit = e.fit or PowerLawFit(math.nan, math.nan, math.nan, math.nan, np.array([]))
+    return dict(zip(GROUP, key, strict=True)) | {
+        "target": 100 * e.target, "target_miou": 100 * e.target_miou, "images": e.images,
+        "images_lo": e.images_lo, "images_hi": e.images_hi, "recommended": e.recommended,
+        "region": e.region, "point_region": e.point_region, "measured_min": e.measured[0],
+        "measured_max": e.measured[1], "refusal": e.refusal, "note": e.note,
+        "fit_a": fit.a, "fit_b": fit.b, "fit_c": fit.c, "fit_r2": fit.r2}
+
+
+def _split(names: Any) -> set[str]:
+    if not isinstance(names, str):
+        return set()
+    return {n.strip() for n in names.split(",") if n.strip()}
+
+
+def _classes(results: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Classes scored and dropped per fold × ways × shots (from the runs' tags), and a warning
+    per setting that dropped any."""
+    rows, warnings = [], []
+    keys = ["fold", "ways", "shots"]
+    for (fold, ways, shots), g in results.groupby(keys, sort=True):
+        recorded = g["scored_classes"].notna().any()
+        scored = set().union(*map(_split, g["scored_classes"]))
+        dropped = set().union(*map(_split, g["dropped_classes"])) - scored
+        rows.append({"fold": fold, "ways": ways, "shots": shots,
+                     "scored": ", ".join(sorted(scored)) if recorded else None,
+                     "dropped": ", ".join(sorted(dropped))})
+        if dropped:
+            warnings.append(
+                f"fold {fold} ({ways}-way {shots}-shot): {', '.join(sorted(dropped))} not scored "
+                f"(too few eligible test images): mIoU there averages {len(scored)} of "
+                f"{len(scored) + len(dropped)} fold classes")
+    return pd.DataFrame(rows, columns=[*keys, "scored", "dropped"]), warnings
+
+
+def _setting(key: tuple[Any, ...]) -> str:
+    model, ways, shots = key
+    return f"{model} {ways}-way {shots}-shot"
+
+
+# --- markdown ---------------------------------------------------------------------------------
+
+
+def _ci(value: float, lo: float, hi: float, signed: bool = False) -> str:
+    if np.isnan(value):
+        return "n/a"
+    fmt = "+.1f" if signed else ".1f"
+    interval = "[n/a]" if np.isnan(lo) else f"[{lo:{fmt}}, {hi:{fmt}}]"
+    return f"{value:{fmt}} {interval}"
+
+
+def _count(x: float) -> str:
+    return "n/a" if np.isnan(x) else f"{x:g}"
+
+
+def table_markdown(table: pd.DataFrame) -> str:
+    """The per-budget table: mIoU [95 % CI], Δ to 100 % [CI], % of 100 % [CI], labelled
+    images, n (runs × test episodes)."""
+    lines = ["| model | ways | shots | budget | labelled images | mIoU (%) [95 % CI] | "
+             "Δ to 100 % [CI] | % of 100 % [CI] | FB-IoU (%) | n (runs × episodes) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in table.itertuples():
-        lines.append(f"| {r.model} | {r.ways} | {r.shots} | {100 * r.budget:g} % | "
-                     f"{r.miou_mean:.1f} ± {r.miou_std:.1f} | {r.fbiou_mean:.1f} | {r.runs} |")
+        n = f"{r.runs} × {_count(r.episodes)}"
+        if math.isclose(r.budget, intervals.FULL_BUDGET):
+            delta, fraction = "reference", "100"
+        else:
+            delta = _ci(r.delta, r.delta_lo, r.delta_hi, signed=True)
+            fraction = _ci(r.fraction, r.fraction_lo, r.fraction_hi)
+        lines.append(
+            f"| {r.model} | {r.ways} | {r.shots} | {100 * r.budget:g} % | {_count(r.images)} | "
+            f"{_ci(r.miou_mean, r.miou_lo, r.miou_hi)} | {delta} | {fraction} | "
+            f"{r.fbiou_mean:.1f} | {n} |")
     return "\n".join(lines)
 
 
-def plot(table: pd.DataFrame, path: Path, title: str = "mIoU vs label budget") -> Path:
-    """One line per model (and ways/shots setting), error bars = std over seeds and folds."""
+def _images(x: float, measured_max: float) -> str:
+    if math.isinf(x):
+        return f"> {measured_max:g}"
+    return "n/a" if np.isnan(x) else f"{math.ceil(x)}"
+
+
+def estimate_markdown(estimates: pd.DataFrame) -> str:
+    """The labelled images needed for 90 % / 95 % of full supervision, or why not."""
+    lines = ["| model | ways | shots | target | images needed: point (optimistic) [95 % CI] | "
+             "recommended (upper bound) | where |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in estimates.itertuples():
+        target = f"{r.target:g} %" + ("" if np.isnan(r.target_miou)
+                                      else f" ({r.target_miou:.1f} mIoU)")
+        head = f"| {r.model} | {r.ways} | {r.shots} | {target} |"
+        if isinstance(r.refusal, str):
+            lines.append(f"{head} no estimate: {r.refusal} | — | — |")
+            continue
+        top = r.measured_max
+        lines.append(f"{head} {_images(r.images, top)} [{_images(r.images_lo, top)}, "
+                     f"{_images(r.images_hi, top)}] | **{_images(r.recommended, top)}** | "
+                     f"{r.region} |")
+    return "\n".join(lines)
+
+
+def classes_markdown(classes: pd.DataFrame) -> str:
+    lines = ["| fold | ways | shots | classes scored | not scored |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in classes.itertuples():
+        scored = r.scored if isinstance(r.scored, str) else "n/a (not recorded)"
+        lines.append(f"| {r.fold} | {r.ways} | {r.shots} | {scored} | {r.dropped or '—'} |")
+    return "\n".join(lines)
+
+
+def to_markdown(summary: Summary | pd.DataFrame) -> str:
+    """The whole report (a bare table renders as `table_markdown`)."""
+    if isinstance(summary, pd.DataFrame):
+        return table_markdown(summary)
+    parts = [f"**Warning:** {w}" for w in summary.warnings]
+    parts += [
+        table_markdown(summary.table),
+        f"Intervals: 95 % hierarchical paired bootstrap ({summary.n_boot} replicates): seeds and "
+        "test episodes resampled, each class's IoU recomputed from summed intersections and "
+        "unions; every budget shares the episode draw, and Δ / % of 100 % pair runs by seed.",
+        "### Labelled images needed for 90 % / 95 % of full supervision",
+        estimate_markdown(summary.estimates),
+        "Fit: mIoU(n) = a − b·n^(−c) over the budgets with labelled images, n = labelled "
+        "images; refitted on every bootstrap replicate. " + BIAS_NOTE,
+        "### Classes scored per fold",
+        classes_markdown(summary.classes)]
+    return "\n\n".join(parts)
+
+
+# --- the plot ---------------------------------------------------------------------------------
+
+
+def plot(summary: Summary, path: Path, title: str = "mIoU vs labelled images") -> Path:
+    """mIoU vs labelled images with 95 % bands and the fitted curves (dashed): 1-way models in
+    one panel, K-way ones in another; the top axis shows the budget in %."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for (model, ways, shots), g in table.groupby(["model", "ways", "shots"]):
-        g = g.sort_values("budget")
-        ax.errorbar(100 * g["budget"], g["miou_mean"], yerr=g["miou_std"], marker="o",
-                    capsize=3, label=f"{model} {ways}-way {shots}-shot")
-    ax.set_xlabel("labelled training images (%)")
-    ax.set_ylabel("test mIoU (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    table = summary.table
+    multi = pd.to_numeric(table["ways"], errors="coerce").fillna(1) > 1
+    panels = [(t, p) for t, p in (("1-way", table[~multi]), ("K-way", table[multi])) if len(p)]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(6.4 * max(len(panels), 1), 4.4),
+                             dpi=120, squeeze=False)
+    for ax, (name, part) in zip(axes[0], panels, strict=False):
+        _plot_panel(ax, part, summary.fits)
+        ax.set_title(f"{title} ({name})" if len(panels) > 1 else title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -104,14 +409,72 @@ def plot(table: pd.DataFrame, path: Path, title: str = "mIoU vs label budget") -
     return path
 
 
-def write_summary(results: pd.DataFrame, folder: Path, title: str) -> dict[str, Path]:
-    """Table as CSV and markdown, and the plot; returns the paths."""
-    table = summarize(results)
+def _plot_panel(ax: Any, table: pd.DataFrame, fits: dict[tuple[Any, ...], PowerLawFit]) -> None:
+    by_images = table["images"].notna().all()
+    for key, g in table.groupby(GROUP, sort=True):
+        g = g.sort_values("budget")
+        x = g["images"] if by_images else 100 * g["budget"]
+        line, = ax.plot(x, g["miou_mean"], marker="o", label=_setting(key))
+        if g["miou_lo"].notna().any():
+            ax.fill_between(x, g["miou_lo"], g["miou_hi"], color=line.get_color(), alpha=0.2)
+        if by_images and key in fits:
+            n = np.geomspace(max(x[x > 0].min(), 1), x.max(), 100)
+            ax.plot(n, 100 * fits[key](n), "--", color=line.get_color(), alpha=0.8)
+    if by_images:
+        _images_axis(ax, table)
+    else:
+        ax.set_xlabel("labelled training images (% of the training set)")
+    ax.set_ylabel("test mIoU (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _images_axis(ax: Any, table: pd.DataFrame) -> None:
+    """Symmetric-log x axis (budget 0 has no log), and the budgets in % on a top axis."""
+    positive = table.loc[table["images"] > 0, "images"]
+    if len(positive):
+        ax.set_xscale("symlog", linthresh=float(positive.min()))
+    ax.set_xlabel("labelled training images (0 = none; dashed: fitted power law)")
+    # A twin axis with the same scale and limits, ticked at the measured budgets: matplotlib's
+    # secondary_xaxis cannot follow a symlog scale.
+    ticks = table.groupby("budget")["images"].mean()
+    top = ax.twiny()
+    top.set_xscale(ax.get_xscale(), **({"linthresh": float(positive.min())} if len(positive)
+                                       else {}))
+    top.set_xlim(ax.get_xlim())
+    top.set_xticks(ticks.to_numpy(), [f"{100 * b:g} %" for b in ticks.index])
+    top.minorticks_off()
+    top.set_xlabel("label budget (% of the training images)", fontsize=8)
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def write_summary(summary: Summary, results: pd.DataFrame, folder: Path,
+                  title: str) -> dict[str, Path]:
+    """summary.csv, summary.md (the whole report), estimate.csv, runs.csv and the plot."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"csv": folder / "summary.csv", "markdown": folder / "summary.md",
-             "plot": folder / "miou_vs_budget.png", "runs": folder / "runs.csv"}
-    table.to_csv(paths["csv"], index=False)
-    paths["markdown"].write_text(to_markdown(table) + "\n")
+             "estimate": folder / "estimate.csv", "runs": folder / "runs.csv",
+             "plot": folder / "miou_vs_budget.png"}
+    summary.table.to_csv(paths["csv"], index=False)
+    paths["markdown"].write_text(to_markdown(summary) + "\n")
+    summary.estimates.to_csv(paths["estimate"], index=False)
     results.to_csv(paths["runs"], index=False)
-    plot(table, paths["plot"], title)
+    plot(summary, paths["plot"], title)
     return paths
+
+
+def summary_metrics(summary: Summary) -> dict[str, float]:
+    """Flat metrics for the parent run: ``summary/<model>/<w>w<s>s/b<budget>/miou`` (and
+    ``_lo``/``_hi``), ``estimate/<model>/<w>w<s>s/images_90`` (and ``_lo``/``_hi``); finite
+    values only (an unbounded upper end or a refused estimate is not logged)."""
+    out = {}
+    for r in summary.table.itertuples():
+        prefix = f"summary/{r.model}/{r.ways}w{r.shots}s/b{r.budget:g}"
+        out |= {f"{prefix}/miou": r.miou_mean, f"{prefix}/miou_lo": r.miou_lo,
+                f"{prefix}/miou_hi": r.miou_hi}
+    for r in summary.estimates.itertuples():
+        prefix = f"estimate/{r.model}/{r.ways}w{r.shots}s/images_{r.target:g}"
+        out |= {prefix: r.images, f"{prefix}_lo": r.images_lo, f"{prefix}_hi": r.images_hi}
+    return {k: float(v) for k, v in out.items() if np.isfinite(v)}

@@ -1,0 +1,289 @@
+"""Intervals, the budget estimate and the report, on fabricated episode sums (no MLflow)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks import intervals, report
+from tasks.intervals import BudgetIntervals, Run, bootstrap_budgets, estimate_budget
+from tasks.metrics import SegmentationMeter
+
+CLASSES = [3, 7, 11, 15, 19]
+
+
+def _episode_table(iou: np.ndarray, union: np.ndarray, classes: np.ndarray) -> pd.DataFrame:
+    """One 1-way episode per row: intersection = iou × union."""
+    return pd.DataFrame({"episode": np.arange(len(iou)), "class_id": classes,
+                         "intersection": np.round(iou * union).astype(int),
+                         "union": union.astype(int), "class": [f"c{c}" for c in classes]})
+
+
+def _run(table: pd.DataFrame, budget: float, seed: str = "0", fold: str = "0") -> Run:
+    episodes, classes = sorted(table["episode"]), sorted(set(table["class_id"]))
+    inter, union = intervals.episode_matrices(table, episodes, classes)
+    return Run(budget, seed, fold, inter, union)
+
+
+def _width(boot: BudgetIntervals, statistic: str, budget: float) -> float:
+    lo, hi = boot.interval(statistic)
+    j = boot.index(budget)
+    return float(hi[j] - lo[j])
+
+
+def _test_set(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-episode difficulty, union and class: what every point of a study shares."""
+    return (rng.uniform(0.2, 0.9, n), rng.integers(500, 3000, n), rng.choice(CLASSES, n))
+
+
+# --- the bootstrap ----------------------------------------------------------------------------
+
+
+def test_identity_resample_reproduces_the_meter_miou() -> None:
+    """Per-episode sums with all weights 1 give exactly SegmentationMeter's mIoU: summed
+    intersection over summed union per class, a class with zero union left out."""
+    rng = np.random.default_rng(0)
+    meter = SegmentationMeter(CLASSES)
+    rows = []
+    for e in range(40):
+        cls = int(rng.choice(CLASSES[:4]))  # class 19 is never drawn: zero union
+        target = (rng.random((16, 16)) < 0.3).astype(np.uint8)
+        pred = (rng.random((16, 16)) < 0.3).astype(np.uint8)
+        target[0, :4] = 255
+        meter.update(pred, target, [cls])
+        valid = target != 255
+        p, t = pred[valid] == 1, target[valid] == 1
+        rows.append((e, cls, int((p & t).sum()), int((p | t).sum())))
+    table = pd.DataFrame(rows, columns=["episode", "class_id", "intersection", "union"])
+    inter, union = intervals.episode_matrices(table, range(40), CLASSES)
+    identity = np.ones((1, 40))
+    got = intervals.resampled_run_miou(identity, inter[None], union[None])[0, 0]
+    assert got == pytest.approx(meter.miou(), abs=1e-12)
+    boot = bootstrap_budgets([Run(1.0, "0", "0", inter, union)], n_boot=50)
+    assert boot.point["miou"][0] == pytest.approx(meter.miou(), abs=1e-12)
+
+
+def test_single_run_gets_an_interval_from_its_episodes() -> None:
+    rng = np.random.default_rng(1)
+    difficulty, union, classes = _test_set(rng, 200)
+    run = _run(_episode_table(difficulty, union, classes), 0.2)
+    boot = bootstrap_budgets([run], n_boot=500)
+    lo, hi = boot.interval("miou")
+    assert lo[0] < boot.point["miou"][0] < hi[0]
+    assert hi[0] - lo[0] > 0.01  # 200 episodes spread over 0.2..0.9: clearly not ± 0.0
+    assert boot.n_runs.tolist() == [1] and boot.n_episodes.tolist() == [200]
+
+
+def test_pairing_narrows_the_difference_interval() -> None:
+    """Both budgets see the same hard and easy episodes: pairing cancels that shared noise."""
+    rng = np.random.default_rng(2)
+    difficulty, union, classes = _test_set(rng, 300)
+    runs = []
+    for seed in ("0", "1", "2"):
+        shift = rng.normal(0, 0.005)
+        for budget, gain in ((0.2, -0.03), (1.0, 0.0)):
+            iou = np.clip(difficulty + gain + shift + rng.normal(0, 0.01, 300), 0, 1)
+            runs.append(_run(_episode_table(iou, union, classes), budget, seed))
+    paired = bootstrap_budgets(runs, n_boot=1000, seed=0)
+    unpaired = bootstrap_budgets(runs, n_boot=1000, seed=0, paired=False)
+    assert paired.point["delta"][0] == pytest.approx(unpaired.point["delta"][0])
+    assert paired.point["delta"][0] == pytest.approx(-0.03, abs=0.005)
+    assert _width(paired, "delta", 0.2) < 0.3 * _width(unpaired, "delta", 0.2)
+    lo, hi = paired.interval("delta")
+    assert hi[0] < 0  # the 3-point loss is detected only thanks to pairing
+    lo, hi = unpaired.interval("delta")
+    assert lo[0] < 0 < hi[0]
+
+
+def test_intervals_shrink_with_more_episodes() -> None:
+    rng = np.random.default_rng(3)
+    widths = []
+    for n in (50, 800):
+        difficulty, union, classes = _test_set(rng, n)
+        run = _run(_episode_table(difficulty, union, classes), 1.0)
+        widths.append(_width(bootstrap_budgets([run], n_boot=500), "miou", 1.0))
+    assert widths[1] < 0.5 * widths[0]  # ~ 1/sqrt(16) = 0.25 expected
+
+
+def test_difference_pairs_runs_by_seed_and_folds_are_averaged() -> None:
+    """A budget with a seed the 100 % budget lacks is compared on the common seeds only."""
+    rng = np.random.default_rng(4)
+    difficulty, union, classes = _test_set(rng, 100)
+
+    def run(level: float, budget: float, seed: str, fold: str) -> Run:
+        iou = np.clip(difficulty * 0 + level, 0, 1)
+        return _run(_episode_table(iou, union, classes), budget, seed, fold)
+
+    runs = [run(0.50, 0.2, "0", "0"), run(0.40, 0.2, "1", "0"), run(0.90, 0.2, "2", "0"),
+            run(0.60, 1.0, "0", "0"), run(0.50, 1.0, "1", "0"),
+            run(0.30, 0.2, "0", "1"), run(0.40, 1.0, "0", "1")]
+    boot = bootstrap_budgets(runs, n_boot=20)
+    # fold 0: mIoU over its 3 seeds, delta over seeds 0 and 1; fold 1: one seed; mean of folds.
+    assert boot.point["miou"][0] == pytest.approx(((0.5 + 0.4 + 0.9) / 3 + 0.3) / 2, abs=2e-3)
+    assert boot.point["delta"][0] == pytest.approx((-0.1 + -0.1) / 2, abs=2e-3)
+    assert boot.point["fraction"][0] == pytest.approx((0.45 + 0.3) / (0.55 + 0.4), abs=2e-3)
+    assert boot.n_runs.tolist() == [4, 3] and boot.n_episodes.tolist() == [200, 200]
+
+
+# --- the budget estimate ----------------------------------------------------------------------
+
+A, B, C = 0.62, 0.9, 0.45
+
+
+def _noiseless(images: list[float], budgets: list[float], width: float = 0.0,
+               n_boot: int = 20) -> BudgetIntervals:
+    """Intervals whose every replicate lies on the curve (± width / 2 as two shifted halves)."""
+    images_arr = np.asarray(images, float)
+    y = np.where(images_arr > 0, intervals.power_law(np.maximum(images_arr, 1), A, B, C), 0.1)
+    shifts = np.repeat([-width / 2, width / 2], n_boot // 2)[:, None]
+    reps = y[None] + shifts
+    full = y[-1]
+    point = {"miou": y, "delta": y - full, "fraction": y / full}
+    replicates = {"miou": reps, "delta": reps - reps[:, -1:], "fraction": reps / reps[:, -1:]}
+    return BudgetIntervals(np.asarray(budgets), point, replicates, np.ones(len(y), int),
+                           np.full(len(y), 1000), 1.0)
+
+
+def test_fit_recovers_a_known_power_law_and_its_inverse() -> None:
+    n = np.array([30.0, 60, 120, 300, 600])
+    fit = intervals.fit_power_law(n, intervals.power_law(n, A, B, C))
+    assert fit is not None
+    assert (fit.a, fit.b, fit.c) == pytest.approx((A, B, C), rel=1e-4)
+    assert fit.r2 == pytest.approx(1.0)
+    target = 0.9 * intervals.power_law(600.0, A, B, C)
+    analytic = (B / (A - target)) ** (1 / C)
+    assert fit.images_for(target) == pytest.approx(analytic, rel=1e-3)
+    assert math.isinf(fit.images_for(A + 0.01))
+
+    boot = _noiseless([0, 30, 60, 120, 300, 600], [0, 0.05, 0.1, 0.2, 0.5, 1.0])
+    est90, est95 = estimate_budget(boot, [0, 30, 60, 120, 300, 600])
+    assert est90.refusal is None and est95.refusal is None
+    assert est90.images == pytest.approx(analytic, rel=1e-3)
+    assert est90.images < est95.images
+    assert est90.images_lo <= est90.images <= est90.images_hi == est90.recommended
+    assert est90.region == est90.point_region == "interpolation"
+
+
+def test_an_estimate_outside_the_measured_range_is_an_extrapolation() -> None:
+    # Measured from 300 images on: 90 % of the 600-image mIoU is reached well below 300.
+    images = [300, 400, 500, 600]
+    est90, _ = estimate_budget(_noiseless(images, [0.5, 0.667, 0.833, 1.0]), images)
+    assert est90.refusal is None
+    assert est90.images < 300 and est90.region == "extrapolation"
+
+
+def test_a_noisy_curve_has_a_wider_estimate_interval_up_to_unbounded() -> None:
+    images = [0, 30, 60, 120, 300, 600]
+    budgets = [0, 0.05, 0.1, 0.2, 0.5, 1.0]
+    tight = estimate_budget(_noiseless(images, budgets, width=0.002), images)[1]
+    loose = estimate_budget(_noiseless(images, budgets, width=0.03), images)[1]
+    assert tight.refusal is None and loose.refusal is None
+    assert loose.images_hi - loose.images_lo > tight.images_hi - tight.images_lo
+    row = {"model": "m", "ways": 1, "shots": 1, "target": 95.0, "target_miou": 50.0,
+           "images": 200.0, "images_lo": 150.0, "images_hi": math.inf, "recommended": math.inf,
+           "region": "extrapolation", "measured_max": 600.0, "refusal": None}
+    markdown = report.estimate_markdown(pd.DataFrame([row]))
+    assert "200 [150, > 600] | **> 600** | extrapolation" in markdown
+
+
+def test_refuses_a_flat_curve() -> None:
+    images = [0, 30, 60, 120, 600]
+    boot = _noiseless(images, [0, 0.05, 0.1, 0.2, 1.0])
+    flat = boot.replicates["delta"].copy()
+    flat[:, 1] = np.linspace(-0.02, 0.01, len(flat))  # 30 images: within noise of 100 %
+    boot = BudgetIntervals(boot.budgets, boot.point, boot.replicates | {"delta": flat},
+                           boot.n_runs, boot.n_episodes, 1.0)
+    for est in estimate_budget(boot, images):
+        assert est.refusal == ("the smallest measured budget (30 images) is already within "
+                               "noise of full supervision")
+        assert math.isnan(est.images) and math.isnan(est.recommended)
+
+
+def test_refuses_fewer_than_three_budgets_and_a_poor_fit() -> None:
+    images = [0, 60, 600]
+    for est in estimate_budget(_noiseless(images, [0, 0.1, 1.0]), images):
+        assert "needs at least 3" in est.refusal
+    # A zig-zag that no saturating curve follows within its (narrow) intervals.
+    images = [30, 60, 120, 300, 600]
+    boot = _noiseless(images, [0.05, 0.1, 0.2, 0.5, 1.0], width=0.002)
+    zigzag = boot.point["miou"] + np.array([0, 0.04, -0.04, 0.04, 0])
+    boot = BudgetIntervals(boot.budgets, boot.point | {"miou": zigzag}, boot.replicates,
+                           boot.n_runs, boot.n_episodes, 1.0)
+    assert "poor fit" in estimate_budget(boot, images)[0].refusal
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def _study(rng: np.random.Generator, *, ways: int = 1,
+           dropped: str = "") -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """child_results-shaped rows and episode tables: 2 seeds × 5 budgets on one test set."""
+    difficulty, union, classes = _test_set(rng, 150)
+    rows, tables = [], {}
+    for budget, images in ((0.0, 0), (0.05, 30), (0.1, 60), (0.2, 120), (1.0, 600)):
+        for seed in (0, 1):
+            level = intervals.power_law(max(images, 1), A, B, C) if images else 0.1
+            iou = np.clip(difficulty * level / 0.55 + rng.normal(0, 0.01, 150), 0, 1)
+            table = _episode_table(iou, union, classes)
+            run_id = f"m{ways}-{budget:g}-{seed}"
+            run = _run(table, budget)
+            tables[run_id] = table
+            rows.append({"model": "panet", "budget": budget, "fold": "0", "shots": 1,
+                         "ways": ways, "seed": str(seed), "budget_seed": str(seed),
+                         "miou": run.miou, "fbiou": 0.6, "labels_images": images,
+                         "labels_pixels": 1000 * images, "scored_classes": "c3,c7,c11,c15,c19",
+                         "dropped_classes": dropped, "run_id": run_id})
+    return pd.DataFrame(rows), tables
+
+
+def test_report_tables_warning_metrics_and_files(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    one_way, eps1 = _study(rng, dropped="c23")
+    two_way, eps2 = _study(rng, ways=2)
+    results = pd.concat([one_way, two_way], ignore_index=True)
+    summary = report.build_summary(results, eps1 | eps2, n_boot=200)
+    assert len(summary.table) == 10 and not summary.table["miou_lo"].isna().any()
+    assert (summary.table["miou_lo"] < summary.table["miou_mean"]).all()
+    markdown = report.to_markdown(summary)
+    assert ("**Warning:** fold 0 (1-way 1-shot): c23 not scored (too few eligible test "
+            "images)") in markdown
+    assert "| panet | 1 | 1 | 20 % | 120 |" in markdown
+    assert "Mahmood et al." in markdown
+    assert "| 0 | 1 | 1 | c11, c15, c19, c3, c7 | c23 |" in markdown
+    assert summary.estimates["refusal"].isna().all(), summary.estimates["refusal"].tolist()
+    assert set(summary.fits) == {("panet", 1, 1), ("panet", 2, 1)}
+
+    metrics = report.summary_metrics(summary)
+    assert metrics["summary/panet/1w1s/b0.2/miou"] == pytest.approx(
+        summary.table.query("ways == 1 and budget == 0.2")["miou_mean"].iloc[0])
+    assert {"estimate/panet/1w1s/images_90", "estimate/panet/2w1s/images_95_hi"} <= set(metrics)
+
+    paths = report.write_summary(summary, results, tmp_path, "test study")
+    assert {p.name for p in paths.values()} == {"summary.csv", "summary.md", "estimate.csv",
+                                                "runs.csv", "miou_vs_budget.png"}
+    assert all(p.stat().st_size > 0 for p in paths.values())
+    assert len(pd.read_csv(paths["estimate"])) == 4
+
+
+def test_runs_without_episodes_show_means_and_na(tmp_path: Path) -> None:
+    results, _ = _study(np.random.default_rng(6))
+    old = results.drop(columns=["labels_images", "labels_pixels", "scored_classes",
+                                "dropped_classes"])
+    summary = report.build_summary(old)
+    assert summary.table["miou_mean"].tolist() == pytest.approx(
+        100 * old.groupby("budget")["miou"].mean().to_numpy())
+    markdown = report.to_markdown(summary)
+    assert "[n/a]" in markdown and "no episode-level results" in markdown
+    assert "n/a (not recorded)" in markdown
+    report.write_summary(summary, old, tmp_path, "old")  # the plot falls back to budget %
+
+
+def test_episode_rows_that_disagree_with_the_logged_miou_are_flagged() -> None:
+    results, tables = _study(np.random.default_rng(7))
+    results.loc[0, "miou"] += 0.01
+    summary = report.build_summary(results, tables, n_boot=50)
+    assert any("!= logged test/miou" in w for w in summary.warnings)
