@@ -149,6 +149,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from tasks.ablation import set_grid
 
     study = set_grid(yaml.safe_load(Path(args.config).read_text()), args.grid)
+    if args.study:  # a variant (--set optimizer=sgd) gets its own parent run and summary
+        study["study"] = args.study
     t0 = time.perf_counter()
     with prefect_api():
         out = run_ablation(study, workers=args.workers, dask_address=args.dask_address,
@@ -158,7 +160,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
           f"({time.perf_counter() - t0:.0f} s)")
     for message in out["failed"]:
         print(f"  failed: {message}")
-    print(out["table"])
+    print(out["report"])
     print(f"table and plot: {Path(out['files']['markdown']).parent}; parent MLflow run "
           f"{out['parent_run_id']} in experiment {out['experiment']!r}")
     print(ui_hint())
@@ -269,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--grid", action="append", default=[], metavar="KEY=[VALUES]",
                    help="replace a grid axis, e.g. seed=[0,1,2]; finished points are kept")
     a.add_argument("--out", default="reports", help="folder for the summary table and plot")
+    a.add_argument("--study", help="run under this study name instead of the file's (a variant "
+                                   "made with --set or --grid gets its own parent run)")
     ga = a.add_mutually_exclusive_group()
     ga.add_argument("--workers", type=int, default=1, help="LocalCluster worker processes")
     ga.add_argument("--dask-address", help="existing Dask scheduler (or env FSS_DASK_ADDRESS)")
