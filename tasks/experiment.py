@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock
 
 from tasks.config import TrainConfig, config_digest
 from tasks.overlays import render_grid
-from tasks.store import open_dataset
+from tasks.store import Dataset, open_dataset
 from tasks.tracking import Tracker, code_version
 from tasks.training import (
     EvalResult,
@@ -56,9 +57,16 @@ def run_point(cfg: TrainConfig, *, parent_run_id: str | None = None,
     ds = open_dataset(cfg.store, cfg.dataset)
     name = run_name(cfg, f"{ds.name}/{ds.version}")
     run_dir = Path(cfg.out_dir) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # A second process on the same point waits here, then reads the first one's result.
+    with FileLock(run_dir / ".lock"):
+        return _run_point_locked(cfg, ds, name, run_dir, parent_run_id, progress)
+
+
+def _run_point_locked(cfg: TrainConfig, ds: Dataset, name: str, run_dir: Path,
+                      parent_run_id: str | None, progress: bool) -> dict[str, Any]:
     if (run_dir / RESULT).exists():
         return json.loads((run_dir / RESULT).read_text()) | {"skipped": True}
-    run_dir.mkdir(parents=True, exist_ok=True)
     state_file = run_dir / "mlflow_run.json"
     run_id = json.loads(state_file.read_text())["run_id"] if state_file.exists() else None
     tracker = Tracker(cfg.experiment, run_id=run_id, run_name=name,

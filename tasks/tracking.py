@@ -2,12 +2,13 @@
 
 Default tracking URI: `sqlite:///mlflow.db` in the working folder (MLflow 3 refuses the file
 store), artifacts in `./mlartifacts`. `MLFLOW_TRACKING_URI` points everything at a server. The
-SQLite DB and the experiment are created once, before any fan-out: several processes migrating a
-fresh DB at once fail (`duplicate column name`, DESIGN.md).
+SQLite DB and the experiment are created under a file lock beside the DB: several processes
+migrating a fresh DB at once fail (`duplicate column name`, DESIGN.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -15,6 +16,8 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -51,16 +54,22 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    try:
-        exp = client.get_experiment_by_name(name)
-    except Exception as exc:  # noqa: BLE001 - any backend failure means: stop before training
-        raise RuntimeError(f"MLflow tracking at {uri} is unreachable: {exc}") from exc
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):  # artifacts beside the database, whatever the cwd
-        location = (Path(uri.removeprefix("sqlite:///")).parent / DEFAULT_ARTIFACTS).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    location, lock = None, contextlib.nullcontext()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        location = (db.parent / DEFAULT_ARTIFACTS).as_uri()  # beside the DB, whatever the cwd
+        # The first access migrates a fresh DB; two processes migrating at once corrupt it
+        # (DESIGN.md), so creation is serialised across processes.
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(f"{db}.lock")
+    with lock:
+        try:
+            exp = client.get_experiment_by_name(name)
+        except Exception as exc:  # noqa: BLE001 - any backend failure: stop before training
+            raise RuntimeError(f"MLflow tracking at {uri} is unreachable: {exc}") from exc
+        if exp is not None:
+            return exp.experiment_id
+        return client.create_experiment(name, artifact_location=location)
 
 
 def code_version() -> str:

@@ -505,8 +505,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
         return dataclasses.replace(result, seconds=time.perf_counter() - t0, **accounting)
 
     phase_dir = pseudo_phase_dir(cfg, ds)
-    phase_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(phase_dir.parent / f"{phase_dir.name}.lock"):
+    phase_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(phase_dir / ".lock"):
         first = run(Phase(cfg.pseudo_steps, lambda s: pseudo, None), phase_dir,
                     emit=lambda metrics, s: None, stop_after=stop_after)
     last_path = run_dir / "checkpoints" / "last.pt"
