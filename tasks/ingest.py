@@ -92,6 +92,8 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
 
 def load_item(reader: Reader, item: Item, size: int) -> store.ItemResult:
     """Decode, validate and resize one item; a bad item becomes a quarantine reason."""
+    if item.quarantine:  # found while listing: its files are not read
+        return store.ItemResult(reason=item.quarantine)
     try:
         image, mask = reader.load(item)
     except BadItem as exc:

@@ -63,6 +63,9 @@ class Item:
     label: object
     height: int | None = None
     width: int | None = None
+    # A reason found while listing (e.g. a path outside the image folder, a duplicate): the
+    # item is quarantined with it and its files are never read.
+    quarantine: str = ""
 
 
 class Reader:
@@ -156,8 +159,17 @@ def _rel(path: str | Path, root: Path) -> str:
 
 def _require_some_images(items: list[Item], where: Path) -> None:
     """A wrong root or an undownloaded image folder is a dataset error, not N bad items."""
-    if items and not any(os.path.isfile(item.image_path) for item in items):
-        raise DatasetError(f"none of the {len(items)} listed images exist (looked under {where})")
+    readable = [item for item in items if not item.quarantine]
+    if readable and not any(os.path.isfile(item.image_path) for item in readable):
+        raise DatasetError(
+            f"none of the {len(readable)} listed images exist (looked under {where})")
+
+
+def _inside(path: str | Path, folder: Path) -> bool:
+    """Whether ``path`` stays inside ``folder`` lexically (no ``..`` escape, no absolute
+    override). Symlinks inside the folder are the folder owner's choice and are followed."""
+    path, folder_s = os.path.normpath(path), os.path.normpath(folder)
+    return os.path.isabs(path) and os.path.commonpath([path, folder_s]) == folder_s
 
 
 def _header_size(path: str | Path) -> tuple[int | None, int | None]:
@@ -287,19 +299,23 @@ class VOCReader(Reader):
             fields = line.split()
             if not fields:
                 continue
-            if len(fields) == 1:
-                stem = fields[0]
-                pair = (
-                    self.root / "JPEGImages" / f"{stem}.jpg",
-                    self.root / self.mask_dir / f"{stem}.png",
-                )
-            elif len(fields) == 2:
+            stem = line.strip()
+            by_stem = (
+                self.root / "JPEGImages" / f"{stem}.jpg",
+                self.root / self.mask_dir / f"{stem}.png",
+            )
+            # A stem may hold spaces ("my image"): the whole line names it when that image
+            # exists, or when nothing else fits (one field, or fields that are not two paths).
+            if len(fields) == 1 or by_stem[0].is_file():
+                pair = by_stem
+            elif len(fields) == 2 and all(Path(f).suffix for f in fields):
                 pair = (self.root / fields[0].lstrip("/"), self.root / fields[1].lstrip("/"))
                 stem = pair[0].stem
             else:
                 raise DatasetError(
                     f"{self.list_file}:{number}: expected a stem or an image/mask pair, "
-                    f"got {len(fields)} fields"
+                    f"got {len(fields)} fields (a stem with spaces must name an existing "
+                    f"JPEGImages/<stem>.jpg)"
                 )
             if entries.setdefault(stem, pair) != pair:
                 raise DatasetError(
@@ -318,6 +334,8 @@ class VOCReader(Reader):
         return items
 
     def load(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
+        if item.quarantine:
+            raise BadItem(item.image_path, item.quarantine)
         image_im = _decode(item.image_path, "image")
         mask_path = str(item.label)
         mask_im = _decode(mask_path, "mask")
@@ -491,13 +509,22 @@ class COCOReader(Reader):
             Item(
                 str(image_id),
                 self.split,
-                str(self.image_dir / file_name),
+                str(self.image_dir / str(file_name)),
                 tuple(by_image[image_id]),
                 height,
                 width,
+                quarantine=self._outside(file_name),
             )
             for image_id, file_name, height, width in rows
         ]
+
+    def _outside(self, file_name: Any) -> str:
+        """A quarantine reason when ``file_name`` would be read from outside the image folder."""
+        if not isinstance(file_name, str) or not file_name:
+            return f"file_name {file_name!r} is not a file name"
+        if not _inside(self.image_dir / file_name, self.image_dir):
+            return f"file_name {file_name!r} points outside the image folder {self.image_dir}"
+        return ""
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers only call load(): the item list would make every pickled task huge.
@@ -557,6 +584,10 @@ class COCOReader(Reader):
         return {"size": [height, width], "counts": counts}
 
     def load(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
+        if item.quarantine:
+            raise BadItem(item.image_path, item.quarantine)
+        if not _inside(item.image_path, self.image_dir):  # an Item built by hand
+            raise BadItem(item.image_path, f"outside the image folder {self.image_dir}")
         image_im = _decode(item.image_path, "image")
         width, height = image_im.size
         if item.height is not None and (item.height, item.width) != (height, width):

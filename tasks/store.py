@@ -53,7 +53,7 @@ LAYOUT_VERSION = 1
 DATASETS = "datasets"
 PENDING, INGESTED, QUARANTINED = 0, 1, 2
 IGNORE = 255
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no "\n" slips by
 _MASK_CODEC = ZstdCodec(level=3)  # masks compress 40-190x; images are stored raw
 
 
@@ -63,7 +63,7 @@ class StoreError(Exception):
 
 def validate_name(name: str) -> str:
     """Dataset names become path segments: refuse anything that could leave the store."""
-    if not _NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise ValueError(
             f"invalid dataset name {name!r}: use letters, digits, '.', '_' and '-' "
             "(starting with a letter or digit, at most 128 characters)"
@@ -254,12 +254,17 @@ def finalize_dataset(store_url: str, name: str, version: str) -> dict[str, Any]:
         "shards_done": int(done.sum()),
     }
     summary["complete"] = summary["shards_done"] == summary["shards"]
-    g.attrs["summary"] = summary
+    # Attributes are written only when they change: a no-op rerun writes nothing, so it also
+    # works on a read-only store.
+    if g.attrs.get("summary") != summary:
+        g.attrs["summary"] = summary
     if summary["complete"]:
         parent = root[f"{DATASETS}/{name}"]
+        entry = {"params": g.attrs["params"], "summary": summary}
         versions = dict(parent.attrs.get("versions", {}))
-        versions[version] = {"params": g.attrs["params"], "summary": summary}
-        parent.attrs.update({"latest": version, "versions": versions})
+        if parent.attrs.get("latest") != version or versions.get(version) != entry:
+            versions[version] = entry
+            parent.attrs.update({"latest": version, "versions": versions})
     return summary
 
 
@@ -542,8 +547,8 @@ def read_dataset_shard(store_url: str, name: str, version: str, array: str,
 # Derived arrays: per-image outputs of later stages, stored under the dataset version.
 
 DERIVED = "derived"
-_KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-_KEY = re.compile(r"^([a-z][a-z0-9_]{0,31})-([0-9a-f]{12})$")
+_KIND = re.compile(r"[a-z][a-z0-9_]{0,31}")  # fullmatch, like the names
+_KEY = re.compile(r"([a-z][a-z0-9_]{0,31})-([0-9a-f]{12})")
 
 
 @dataclass(frozen=True)
@@ -562,7 +567,7 @@ class DerivedField:
 
 
 def _check_kind(kind: str, what: str = "derived kind") -> str:
-    if not _KIND.match(kind):
+    if not _KIND.fullmatch(kind):
         raise ValueError(f"invalid {what} {kind!r}: lowercase letters, digits and '_', "
                          "starting with a letter, at most 32 characters")
     return kind
@@ -576,7 +581,7 @@ def derived_key(kind: str, params: dict[str, Any]) -> str:
 
 
 def _derived_path(name: str, version: str, key: str) -> str:
-    if not _KEY.match(key):
+    if not _KEY.fullmatch(key):
         raise ValueError(f"invalid derived key {key!r}: expected <kind>-<12 hex digits>")
     return f"{_version_path(name, version)}/{DERIVED}/{key}"
 

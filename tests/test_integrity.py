@@ -1,0 +1,136 @@
+"""Data integrity (issue 12): unique ids, atomic versions, content fingerprints, lossless masks,
+paths that stay inside the dataset, bounded memory, and no writes on a no-op rerun."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from tasks import ingest, store
+from tasks.readers import BadItem, DatasetError, make_reader
+
+
+def _noise(height: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _voc(root: Path, splits: dict[str, list[str]], size: int = 24) -> Path:
+    """A VOC layout: one JPEG and one palette PNG per stem, a list file per split."""
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (root / "SegmentationClass").mkdir(exist_ok=True)
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    stems = sorted({s for listed in splits.values() for s in listed})
+    for n, stem in enumerate(stems):
+        Image.fromarray(_noise(size, size + 4, n)).save(root / "JPEGImages" / f"{stem}.jpg")
+        mask = np.zeros((size, size + 4), np.uint8)
+        mask[2: 2 + n % 7 + 3, 3:12] = 1 + n % 3
+        Image.fromarray(mask, mode="P").save(root / "SegmentationClass" / f"{stem}.png")
+    for split, listed in splits.items():
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(listed))
+    return root
+
+
+def _coco(root: Path, split: str, files: list[tuple[int, str]], size=(20, 30),
+          claimed: dict[int, tuple[int, int]] | None = None) -> Path:
+    """A COCO layout: one square annotation per image; ``claimed`` overrides json sizes."""
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    images, anns = [], []
+    for image_id, name in files:
+        path = root / split / name
+        if not path.exists() and ".." not in name and not name.startswith("/"):
+            Image.fromarray(_noise(*size, image_id + 100 * len(split))).save(path)
+        h, w = (claimed or {}).get(image_id, size)
+        images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+        anns.append({"id": 1000 + image_id, "image_id": image_id, "category_id": 1,
+                     "iscrowd": 0, "segmentation": [[2, 2, 12, 2, 12, 9, 2, 9]]})
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}))
+    return root
+
+
+def _ingest(readers, url: str, name: str = "d", **kw) -> tuple[ingest.IngestPlan, dict]:
+    plan = ingest.plan_ingest(readers, name, size=kw.pop("size", 16),
+                              shard_size=kw.pop("shard_size", 4), **kw)
+    store.create_dataset(url, plan.spec)
+    for k in range(plan.spec.n_shards):
+        ingest.ingest_shard(url, name, plan.spec.version, k, plan.shard_items(k), plan.readers,
+                            plan.spec.size)
+    return plan, store.finalize_dataset(url, name, plan.spec.version)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The smaller points
+
+
+@pytest.mark.parametrize("name", ["ds\n", "ds\r\n", "a\nb"])
+def test_names_with_a_newline_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid dataset name"):
+        store.validate_name(name)
+    with pytest.raises(ValueError, match="invalid derived kind"):
+        store.derived_key(name.replace("d", "k"), {})
+
+
+def test_voc_stems_with_spaces(tmp_path: Path) -> None:
+    root = _voc(tmp_path / "voc", {"train": ["my image", "plain", "two  spaces here"]})
+    reader = make_reader("voc", root, "train")
+    items = {i.id: i for i in reader.list_items()}
+    assert sorted(items) == ["my image", "plain", "two  spaces here"]
+    assert items["my image"].image_path.endswith("JPEGImages/my image.jpg")
+    _, mask = reader.load(items["two  spaces here"])
+    expected = np.asarray(Image.open(root / "SegmentationClass" / "two  spaces here.png"))
+    np.testing.assert_array_equal(mask, expected)
+    # Pairs still read as pairs; a spaced stem that names no image is a clear error.
+    (root / "pairs.txt").write_text("JPEGImages/plain.jpg SegmentationClass/plain.png\n")
+    [pair] = make_reader("voc", root, "train", list_file=root / "pairs.txt").list_items()
+    assert pair.id == "plain"
+    (root / "bad.txt").write_text("no such image\n")
+    with pytest.raises(DatasetError, match="a stem with spaces must name an existing"):
+        make_reader("voc", root, "train", list_file=root / "bad.txt").list_items()
+
+
+def test_coco_file_name_outside_the_image_folder_is_quarantined(tmp_path: Path) -> None:
+    root = tmp_path / "coco"
+    root.mkdir()
+    # Real, decodable images of the right size: read, they would be ingested.
+    Image.fromarray(_noise(20, 30, 0)).save(root / "outside.jpg")
+    _coco(root, "train", [(1, "a.jpg"), (2, "../outside.jpg"), (3, str(root / "outside.jpg"))])
+    url = str(tmp_path / "s.zarr")
+    _, summary = _ingest([make_reader("coco", root, "train")], url)
+    assert (summary["ingested"], summary["quarantined"]) == (1, 2)
+    q = store.open_dataset(url, "d").quarantine.set_index("id")
+    assert "points outside the image folder" in q.at["2", "reason"]
+    assert "points outside the image folder" in q.at["3", "reason"]
+    reader = make_reader("coco", root, "train")
+    bad = next(i for i in reader.list_items() if i.id == "2")
+    with pytest.raises(BadItem, match="outside the image folder"):
+        reader.load(bad)
+
+
+def _refuse_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every local Zarr write fail as it would on a read-only store."""
+
+    async def refuse(self, *args, **kwargs):
+        raise PermissionError(30, "Read-only file system")
+
+    for method in ("set", "set_if_not_exists", "delete", "delete_dir"):
+        monkeypatch.setattr(zarr.storage.LocalStore, method, refuse)
+
+
+def test_noop_rerun_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _voc(tmp_path / "voc", {"train": [f"t{k}" for k in range(6)], "val": ["v0", "v1"]})
+    url = str(tmp_path / "s.zarr")
+    readers = [make_reader("voc", root, s) for s in ("train", "val")]
+    plan, first = _ingest(readers, url)
+    files = {p: p.stat().st_mtime_ns for p in Path(url).rglob("*")}
+    _refuse_writes(monkeypatch)
+    readers = [make_reader("voc", root, s) for s in ("train", "val")]
+    again, second = _ingest(readers, url)
+    assert again.spec.version == plan.spec.version and second == first
+    assert files == {p: p.stat().st_mtime_ns for p in Path(url).rglob("*")}
+    assert len(store.open_dataset(url, "d")) == 8
