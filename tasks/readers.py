@@ -182,13 +182,38 @@ def _header_size(path: str | Path) -> tuple[int | None, int | None]:
     return height, width
 
 
-def _decode(path: str | Path, what: str) -> Image.Image:
-    """Open and fully decode an image file, mapping every failure to BadItem."""
+# Labels must survive their file format bit for bit: lossy codecs (JPEG, and JPEG or WebP
+# inside TIFF) smear class ids at every edge and invent ids that no annotator drew.
+LOSSLESS_MASK_FORMATS = ("PNG", "BMP", "TIFF")
+_LOSSY_TIFF = {"jpeg", "tiff_jpeg", "webp"}
+
+
+def _lossy(im: Image.Image) -> str:
+    """Why a decoded label file cannot hold class ids exactly; "" when it can."""
+    allowed = ", ".join(LOSSLESS_MASK_FORMATS[:-1]) + " or " + LOSSLESS_MASK_FORMATS[-1]
+    if im.format not in LOSSLESS_MASK_FORMATS:
+        return (f"mask is {im.format or 'unknown'} data, whatever its suffix: lossy or "
+                f"unsupported for labels (masks must be {allowed})")
+    compression = str(im.info.get("compression", "")).lower()
+    if im.format == "TIFF" and compression in _LOSSY_TIFF:
+        return f"mask is a TIFF with lossy {compression} compression (masks must be lossless)"
+    return ""
+
+
+def _decode(path: str | Path, what: str, *, lossless: bool = False) -> Image.Image:
+    """Open and fully decode an image file, mapping every failure to BadItem.
+
+    ``lossless`` requires a lossless format, judged by the decoded data (``Image.format``),
+    never by the file's suffix.
+    """
     path = str(path)
     if not os.path.isfile(path):
         raise BadItem(path, f"{what} file missing")
     try:
         with Image.open(path) as im:
+            reason = _lossy(im) if lossless else ""
+            if reason:
+                raise BadItem(path, reason)
             im.load()  # forces a full decode: truncated files fail here, not later
             return im.copy()  # detached from the file, which the with-block closes
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
@@ -338,7 +363,7 @@ class VOCReader(Reader):
             raise BadItem(item.image_path, item.quarantine)
         image_im = _decode(item.image_path, "image")
         mask_path = str(item.label)
-        mask_im = _decode(mask_path, "mask")
+        mask_im = _decode(mask_path, "mask", lossless=True)
         if mask_im.size != image_im.size:
             (mw, mh), (iw, ih) = mask_im.size, image_im.size
             raise BadItem(mask_path, f"mask {mw}x{mh} != image {iw}x{ih}")

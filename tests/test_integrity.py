@@ -134,3 +134,33 @@ def test_noop_rerun_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert again.spec.version == plan.spec.version and second == first
     assert files == {p: p.stat().st_mtime_ns for p in Path(url).rglob("*")}
     assert len(store.open_dataset(url, "d")) == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Masks only from lossless formats
+
+
+def test_lossy_mask_data_is_quarantined_whatever_its_suffix(tmp_path: Path) -> None:
+    root = _voc(tmp_path / "voc", {"train": ["jpeg_as_png", "tiff_jpeg", "bmp", "tiff", "ok"]})
+    seg = root / "SegmentationClass"
+    label = np.asarray(Image.open(seg / "ok.png"))
+    # JPEG bytes under .png: decodes as "L", class ids smeared into other valid class ids.
+    Image.fromarray(label).save(seg / "jpeg_as_png.png", format="JPEG", quality=75)
+    smeared = np.asarray(Image.open(seg / "jpeg_as_png.png"))
+    assert smeared.max() <= 20 and not np.array_equal(smeared, label)
+    Image.fromarray(label).save(seg / "tiff_jpeg.png", format="TIFF", compression="jpeg")
+    Image.fromarray(label).save(seg / "bmp.png", format="BMP")
+    Image.fromarray(label).save(seg / "tiff.png", format="TIFF", compression="tiff_lzw")
+    reader = make_reader("voc", root, "train")
+    items = {i.id: i for i in reader.list_items()}
+    with pytest.raises(BadItem, match="mask is JPEG data, whatever its suffix"):
+        reader.load(items["jpeg_as_png"])
+    with pytest.raises(BadItem, match="TIFF with lossy jpeg compression"):
+        reader.load(items["tiff_jpeg"])
+    for stem in ("bmp", "tiff", "ok"):
+        np.testing.assert_array_equal(reader.load(items[stem])[1], label)
+    url = str(tmp_path / "s.zarr")
+    _, summary = _ingest([reader], url)
+    assert (summary["ingested"], summary["quarantined"]) == (3, 2)
+    q = store.open_dataset(url, "d").quarantine.set_index("id")
+    assert "jpeg_as_png.png: mask is JPEG data" in q.at["jpeg_as_png", "reason"]
