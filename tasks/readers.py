@@ -16,6 +16,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,57 @@ class Item:
     quarantine: str = ""
 
 
+@dataclass(frozen=True)
+class FileFacts:
+    """What listing learns about one file in one read of it."""
+
+    digest: str  # blake2b-128 of the bytes, "missing" when the file cannot be read
+    height: int | None = None  # from the image header, when asked for and readable
+    width: int | None = None
+
+
+MISSING = "missing"
+# Reading and hashing release the GIL, so threads overlap I/O latency (cold caches, network
+# file systems); header parsing holds it, so on a warm cache more threads than cores only
+# contend (benchmarks/fingerprint.py measures both).
+SCAN_THREADS = min(16, 2 * len(os.sched_getaffinity(0)))
+
+
+def _file_facts(path: str, header: bool) -> FileFacts:
+    try:
+        with open(path, "rb") as fh:
+            digest = hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=16))
+            if not header:
+                return FileFacts(digest.hexdigest())
+            fh.seek(0)
+            try:
+                with Image.open(fh) as im:
+                    width, height = im.size
+            except Exception:  # load() reports undecodable files properly; the size is optional
+                return FileFacts(digest.hexdigest())
+            return FileFacts(digest.hexdigest(), height, width)
+    except OSError:
+        return FileFacts(MISSING)
+
+
+def scan_files(images: Sequence[str], others: Sequence[str] = (), *,
+               threads: int = SCAN_THREADS) -> dict[str, FileFacts]:
+    """Content digest of every file (and the header size of ``images``), read in parallel.
+
+    One read per file: the digest makes a fingerprint that changes with any edit of a file's
+    bytes (sizes alone miss a mask edited to the same byte count).
+    """
+    wanted = {str(p): True for p in images}
+    for p in others:
+        wanted.setdefault(str(p), False)
+    jobs = list(wanted.items())
+    if threads <= 1 or len(jobs) < 2:
+        return {path: _file_facts(path, header) for path, header in jobs}
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        facts = pool.map(lambda job: _file_facts(*job), jobs, chunksize=16)
+        return {path: f for (path, _), f in zip(jobs, facts, strict=True)}
+
+
 class Reader:
     """Common interface of the dataset readers."""
 
@@ -76,6 +129,13 @@ class Reader:
     split: str
     classes: list[str]
     source_ids: list[int]
+    # The latest listing and the digests of its files: fingerprint() describes exactly what
+    # list_items() returned (never pickled).
+    _listed: tuple[list[Item], dict[str, FileFacts]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers only call load(): listings would make every pickled task huge.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_listed", "_items")}
 
     def list_items(self) -> list[Item]:
         """The split's items, sorted deterministically."""
@@ -86,8 +146,15 @@ class Reader:
         raise NotImplementedError
 
     def fingerprint(self) -> str:
-        """sha256 hex of what defines the source (listing, annotations, class list)."""
+        """sha256 hex of what defines the source: listing, the bytes of every listed file,
+        annotations, class list. Reuses the digests of the latest `list_items`."""
         raise NotImplementedError
+
+    def _latest_listing(self) -> tuple[list[Item], dict[str, FileFacts]]:
+        if self._listed is None:
+            self.list_items()
+        assert self._listed is not None
+        return self._listed
 
     def describe(self) -> dict[str, Any]:
         """A json-able description of the source."""
@@ -146,13 +213,6 @@ def _root_dir(root: str | Path) -> Path:
     return path
 
 
-def _file_size(path: str | Path) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return -1
-
-
 def _rel(path: str | Path, root: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
@@ -170,16 +230,6 @@ def _inside(path: str | Path, folder: Path) -> bool:
     override). Symlinks inside the folder are the folder owner's choice and are followed."""
     path, folder_s = os.path.normpath(path), os.path.normpath(folder)
     return os.path.isabs(path) and os.path.commonpath([path, folder_s]) == folder_s
-
-
-def _header_size(path: str | Path) -> tuple[int | None, int | None]:
-    """(height, width) from the file header alone; (None, None) when unreadable."""
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except Exception:  # any failure here is reported properly by load(); the size is optional
-        return None, None
-    return height, width
 
 
 # Labels must survive their file format bit for bit: lossy codecs (JPEG, and JPEG or WebP
@@ -351,12 +401,16 @@ class VOCReader(Reader):
         return entries
 
     def list_items(self) -> list[Item]:
+        entries = sorted(self._entries().items())
+        facts = scan_files([str(image) for _, (image, _) in entries],
+                           [str(mask) for _, (_, mask) in entries])
         items = []
-        for stem, (image, mask) in sorted(self._entries().items()):
-            height, width = _header_size(image)
-            items.append(Item(stem, self.split, str(image), str(mask), height, width))
+        for stem, (image, mask) in entries:
+            f = facts[str(image)]
+            items.append(Item(stem, self.split, str(image), str(mask), f.height, f.width))
         _require_some_images(items, self.root)
-        return items
+        self._listed = (items, facts)
+        return list(items)
 
     def load(self, item: Item) -> tuple[np.ndarray, np.ndarray]:
         if item.quarantine:
@@ -379,17 +433,18 @@ class VOCReader(Reader):
         return _to_rgb(image_im), raw.astype(np.uint8)
 
     def fingerprint(self) -> str:
+        items, facts = self._latest_listing()
         listing = [
             [
                 item.id,
                 _rel(item.image_path, self.root),
-                _file_size(item.image_path),
+                facts[item.image_path].digest,
                 _rel(str(item.label), self.root),
-                _file_size(str(item.label)),
+                facts[str(item.label)].digest,
             ]
-            for item in self.list_items()
+            for item in items
         ]
-        return self._hash(listing, {})
+        return self._hash(listing, {"digest": "blake2b-128"})
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -553,14 +608,16 @@ class COCOReader(Reader):
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers only call load(): the item list would make every pickled task huge.
-        return {**self.__dict__, "_items": None}
+        return {**super().__getstate__(), "_items": None}
 
     def list_items(self) -> list[Item]:
         if self._items is None:
             self._parse()
         assert self._items is not None
-        _require_some_images(self._items, self.image_dir)
-        return list(self._items)
+        items = list(self._items)
+        _require_some_images(items, self.image_dir)
+        self._listed = (items, scan_files([i.image_path for i in items if not i.quarantine]))
+        return list(items)
 
     def _rle(self, item: Item, ann: dict[str, Any], height: int, width: int) -> dict[str, Any]:
         """Validate one annotation's segmentation and return its (compressed) RLE."""
@@ -663,11 +720,14 @@ class COCOReader(Reader):
             raise DatasetError(
                 f"cannot read annotation file {self.annotation_file}: {exc}"
             ) from exc
+        items, facts = self._latest_listing()
         listing = [
-            [item.id, _rel(item.image_path, self.root), _file_size(item.image_path)]
-            for item in self.list_items()
+            [item.id, _rel(item.image_path, self.root),
+             facts[item.image_path].digest if item.image_path in facts else item.quarantine]
+            for item in items
         ]
-        return self._hash(listing, {"annotations_sha256": digest.hexdigest()})
+        return self._hash(listing, {"annotations_sha256": digest.hexdigest(),
+                                    "digest": "blake2b-128"})
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -164,3 +164,27 @@ def test_lossy_mask_data_is_quarantined_whatever_its_suffix(tmp_path: Path) -> N
     assert (summary["ingested"], summary["quarantined"]) == (3, 2)
     q = store.open_dataset(url, "d").quarantine.set_index("id")
     assert "jpeg_as_png.png: mask is JPEG data" in q.at["jpeg_as_png", "reason"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Content fingerprints
+
+
+def test_mask_edited_to_the_same_byte_size_makes_a_new_version(tmp_path: Path) -> None:
+    root = _voc(tmp_path / "voc", {"train": ["a", "b", "c"]})
+    seg = root / "SegmentationClass"
+    label = np.asarray(Image.open(seg / "b.png")).copy()
+    Image.fromarray(label).save(seg / "b.png", format="BMP")  # fixed-size encoding
+    url = str(tmp_path / "s.zarr")
+    first, _ = _ingest([make_reader("voc", root, "train")], url)
+    size = (seg / "b.png").stat().st_size
+    label[0, :5] = 2  # an annotator's fix: same dimensions, same byte count
+    Image.fromarray(label).save(seg / "b.png", format="BMP")
+    assert (seg / "b.png").stat().st_size == size
+    second, _ = _ingest([make_reader("voc", root, "train")], url)
+    assert second.spec.fingerprint != first.spec.fingerprint
+    assert second.spec.version != first.spec.version
+    np.testing.assert_array_equal(store.open_dataset(url, "d").original_mask("b"), label)
+    # The old version is still there, unchanged.
+    old = store.open_dataset(url, "d", first.spec.version).original_mask("b")
+    assert not np.array_equal(old, label)
