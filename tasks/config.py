@@ -25,6 +25,9 @@ class TrainConfig:
     fold: int = 0
     n_folds: int = 4
     fold_variant: str = "auto"
+    # Names or ids of the classes to test on; replaces the fold (the rest are base classes).
+    novel_classes: list[str | int] | None = None
+    test_split: str = "val"  # the split the novel classes are tested on
     ways: int = 1
     shots: int = 1
     budget: float = 1.0  # fraction of training images whose masks may be used
@@ -74,6 +77,8 @@ class TrainConfig:
             raise ValueError(f"model must be one of {MODELS}, not {self.model!r}")
         if not 0.0 <= self.budget <= 1.0:
             raise ValueError(f"budget is a fraction in [0, 1], got {self.budget}")
+        if self.test_split == "train":
+            raise ValueError("test_split cannot be 'train': the labelled images come from it")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction is a share in [0, 1), got {self.val_fraction}")
         if self.optimizer not in OPTIMIZERS:

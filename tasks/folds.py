@@ -3,7 +3,9 @@
 PASCAL-5i: fold i tests 5i+1..5i+5. COCO-20i exists in two assignments in the literature: the
 interleaved one (fold i tests i+1, i+5, ..., i+77; the default, as in PFENet/HSNet) and the
 consecutive one (fold i tests 20i+1..20i+20). The base (training) classes of a fold are the
-others.
+others. Any class count works: consecutive folds of an uneven count differ in size by one (the
+first ``num_classes % n_folds`` folds hold one class more, as ``numpy.array_split`` does), and
+interleaved fold i holds i+1, i+1+n_folds, ...
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ def fold_classes(num_classes: int, fold: int, n_folds: int = 4, variant: str = "
     """Test classes of ``fold`` among classes 1..num_classes split into ``n_folds`` folds.
 
     ``auto`` picks PASCAL-5i for 20 classes and interleaved COCO-20i for 80 (with 4 folds),
-    consecutive blocks otherwise. Every variant needs ``num_classes`` divisible by ``n_folds``
-    so that all folds are the same size.
+    consecutive blocks otherwise. A count that ``n_folds`` does not divide gives folds whose
+    sizes differ by one (the first ``num_classes % n_folds`` folds are the larger ones).
     """
     num_classes = _int("num_classes", num_classes)
     n_folds = _int("n_folds", n_folds)
@@ -58,19 +60,18 @@ def fold_classes(num_classes: int, fold: int, n_folds: int = 4, variant: str = "
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if n_folds < 2:
         raise ValueError(f"n_folds must be at least 2 (a fold needs base classes), got {n_folds}")
-    if num_classes < n_folds or num_classes % n_folds:
-        raise ValueError(
-            f"{num_classes} classes cannot be split into {n_folds} equal folds; "
-            "use a class count divisible by n_folds"
-        )
+    if num_classes < n_folds:
+        raise ValueError(f"{num_classes} classes cannot be split into {n_folds} folds: every "
+                         "fold needs a class (lower n_folds, or name novel_classes)")
     fold = _fold(fold, n_folds)
     if variant == "auto":
         # PASCAL-5i is the consecutive split of 20 classes, so only COCO needs a special case.
         variant = "interleaved" if (num_classes, n_folds) == (80, 4) else "consecutive"
     if variant == "interleaved":
         return list(range(fold + 1, num_classes + 1, n_folds))
-    size = num_classes // n_folds
-    return list(range(size * fold + 1, size * fold + size + 1))
+    size, extra = divmod(num_classes, n_folds)
+    start = fold * size + min(fold, extra)
+    return list(range(start + 1, start + size + (fold < extra) + 1))
 
 
 def base_classes(num_classes: int, fold: int, n_folds: int = 4, variant: str = "auto") -> list[int]:

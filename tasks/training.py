@@ -253,6 +253,26 @@ class LabelledData:
     pixels: int  # annotated pixels in them, at original resolution
 
 
+def split_classes(cfg: TrainConfig, ds: Dataset) -> tuple[list[int], list[int]]:
+    """(base, novel) class ids: `novel_classes` (names or ids) when the config names them, the
+    fold's classes otherwise; base classes are all other foreground classes."""
+    n_classes = len(ds.classes) - 1
+    if not cfg.novel_classes:
+        return (base_classes(n_classes, cfg.fold, cfg.n_folds, cfg.fold_variant),
+                fold_classes(n_classes, cfg.fold, cfg.n_folds, cfg.fold_variant))
+    ids = {name: k for k, name in enumerate(ds.classes)}
+    novel = []
+    for c in cfg.novel_classes:
+        k = ids.get(c) if isinstance(c, str) else c
+        if k is None or not 1 <= k <= n_classes:
+            raise ValueError(f"novel_classes: {c!r} is not a foreground class of {ds.name} "
+                             f"(classes 1..{n_classes}: {', '.join(ds.classes[1:])})")
+        novel.append(k)
+    if len(set(novel)) == n_classes:
+        raise ValueError("novel_classes leaves no base class to train on")
+    return [c for c in range(1, n_classes + 1) if c not in novel], sorted(set(novel))
+
+
 def labelled_data(cfg: TrainConfig, ds: Dataset) -> LabelledData:
     """The label accounting of a point at budget b: every mask, pixel count and eligibility list
     that training and checkpoint selection read comes from here.
@@ -268,9 +288,8 @@ def labelled_data(cfg: TrainConfig, ds: Dataset) -> LabelledData:
     if not labelled:
         return LabelledData(None, None, "last checkpoint: no labels", 0, 0)
     train_ids, held_out = hold_out(labelled, cfg.val_fraction)
-    n_classes = len(ds.classes) - 1
     common = dict(split="train", ways=cfg.ways, shots=cfg.shots, min_pixels=cfg.min_pixels,
-                  classes=base_classes(n_classes, cfg.fold, cfg.n_folds, cfg.fold_variant))
+                  classes=split_classes(cfg, ds)[0])
     train = EpisodeSampler(ds, image_ids=train_ids, seed=cfg.seed, **common)
     val, selection = None, "last checkpoint: no labelled image held out (budget too small)"
     if held_out:
@@ -569,15 +588,18 @@ def eval_settings(cfg: TrainConfig) -> Iterator[tuple[int, int]]:
 
 def evaluate_fold(cfg: TrainConfig, model: nn.Module, *, keep_samples: int = 0,
                progress: bool = True, dataset: Dataset | None = None) -> list[EvalResult]:
-    """Evaluate on the fold's novel classes (validation split) for every test setting."""
+    """Evaluate on the novel classes (`test_split`) for every test setting."""
     device = pick_device(cfg.device)
     model.to(device)
     ds = dataset if dataset is not None else open_dataset(cfg.store, cfg.dataset)
-    novel = fold_classes(len(ds.classes) - 1, cfg.fold, cfg.n_folds, cfg.fold_variant)
+    novel = split_classes(cfg, ds)[1]
+    if not ds.split_ids(cfg.test_split):
+        raise ValueError(f"test_split {cfg.test_split!r}: {ds.name} has no ingested image in "
+                         f"that split (ingest it with --split)")
     cache = feature_cache(cfg, model, ds, device)
     results = []
     for ways, shots in eval_settings(cfg):
-        sampler = EpisodeSampler(ds, split="val", classes=novel, ways=ways, shots=shots,
+        sampler = EpisodeSampler(ds, split=cfg.test_split, classes=novel, ways=ways, shots=shots,
                                  min_pixels=cfg.min_pixels, seed=cfg.test_seed)
         results.append(evaluate(model, sampler, episodes=cfg.test_episodes,
                                 class_names=ds.classes, device=device, scoring=cfg.scoring,

@@ -62,7 +62,6 @@ def test_custom_class_count_uses_consecutive_blocks():
         (lambda: pascal_5i(True), "fold must be an integer"),
         (lambda: coco_20i(0, "random"), "variant"),
         (lambda: coco_20i(5), "fold must be in 0..3"),
-        (lambda: fold_classes(21, 0), "cannot be split into 4 equal folds"),
         (lambda: fold_classes(3, 0), "cannot be split"),
         (lambda: fold_classes(20, 0, n_folds=1), "n_folds must be at least 2"),
         (lambda: fold_classes(20, 5, n_folds=5), "fold must be in 0..4"),
@@ -73,3 +72,16 @@ def test_custom_class_count_uses_consecutive_blocks():
 def test_bad_arguments(call, message: str):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("variant", ["consecutive", "interleaved"])
+@pytest.mark.parametrize("num_classes, n_folds", [(11, 4), (21, 4), (7, 3), (5, 5)])
+def test_uneven_class_counts_make_a_partition(num_classes: int, n_folds: int, variant: str):
+    folds = [fold_classes(num_classes, f, n_folds, variant) for f in range(n_folds)]
+    assert sorted(c for f in folds for c in f) == list(range(1, num_classes + 1))
+    sizes = [len(f) for f in folds]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    if variant == "consecutive":  # the larger folds come first
+        assert sizes == sorted(sizes, reverse=True)
+    assert fold_classes(11, 0, 4, "consecutive") == [1, 2, 3]
+    assert fold_classes(11, 3, 4, "consecutive") == [10, 11]

@@ -158,3 +158,24 @@ def test_sgd_trains_and_resumes(tiny_store: str, tmp_path: Path) -> None:
     result = train(cfg, tmp_path / "sgd", progress=False)
     state = load_state(tmp_path / "sgd" / "checkpoints" / "last.pt")
     assert result.steps == 2 and "momentum_buffer" in str(state["optimizer"]["state"])
+
+
+def test_named_novel_classes_replace_the_fold(tiny_store: str, tmp_path: Path) -> None:
+    from tasks.store import open_dataset
+    from tasks.training import evaluate_fold, split_classes
+
+    ds = open_dataset(tiny_store, "synth")
+    named = _cfg(tiny_store, tmp_path, "panet", novel_classes=[ds.classes[3], 7])
+    base, novel = split_classes(named, ds)
+    assert novel == [3, 7] and sorted(base + novel) == list(range(1, len(ds.classes)))
+    with pytest.raises(ValueError, match="not a foreground class"):
+        split_classes(_cfg(tiny_store, tmp_path, "panet", novel_classes=["nope"]), ds)
+    with pytest.raises(ValueError, match="test_split"):
+        _cfg(tiny_store, tmp_path, "panet", test_split="train")
+    model = build_model(named)
+    (result,) = evaluate_fold(named, model, progress=False, dataset=ds)
+    assert {c for _, c, _, _ in result.episode_rows} <= {3, 7}
+    # Another split to test on: the test episodes come from it (here a missing one).
+    with pytest.raises(ValueError, match="no ingested image in that split"):
+        evaluate_fold(_cfg(tiny_store, tmp_path, "panet", test_split="test"), model,
+                      progress=False, dataset=ds)
