@@ -7,15 +7,17 @@ shard.
 from __future__ import annotations
 
 import hashlib
+import os
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from tasks import store
-from tasks.readers import BadItem, Item, Reader
+from tasks.readers import BadItem, DatasetError, Item, Reader
 
 DEFAULT_SIZE = 144
 DEFAULT_SHARD_SIZE = 64
@@ -54,12 +56,16 @@ def plan_ingest(readers: Sequence[Reader], name: str, *, size: int = DEFAULT_SIZ
     for r in readers[1:]:
         if r.classes != first.classes:
             raise ValueError("all splits of one dataset must share one class list")
-    items = [item for r in readers for item in r.list_items()]
+    splits = [r.describe()["split"] for r in readers]
+    twice = [s for s, n in Counter(splits).items() if n > 1]
+    if twice:
+        raise ValueError(f"split {twice[0]!r} is named twice: name each split once "
+                         "(e.g. --split train,val)")
+    items = unique_items([r.list_items() for r in readers])
     if not items:
         raise ValueError(f"no items listed for {name}: check the root and split")
     fingerprint = hashlib.sha256(
         "".join(r.fingerprint() for r in readers).encode()).hexdigest()
-    splits = [r.describe()["split"] for r in readers]
     params = {"size": size, "shard_size": shard_size, "kind": first.kind, "splits": splits}
     heights = [i.height for i in items if i.height]
     widths = [i.width for i in items if i.width]
@@ -81,6 +87,51 @@ def plan_ingest(readers: Sequence[Reader], name: str, *, size: int = DEFAULT_SIZ
     )
     return IngestPlan(spec=spec, items=items, readers={s: r for s, r in zip(splits, readers,
                                                                                 strict=True)})
+
+
+def unique_items(listed: Sequence[Sequence[Item]]) -> list[Item]:
+    """The items of every split (one list per split), with ids unique within the dataset.
+
+    * The same image file twice in one split: the later item is quarantined as a duplicate.
+    * The same image file in two splits: refused (`DatasetError`), since training would see
+      test images; the message names one such file and the count.
+    * An id that two splits use for different images (COCO exports that number each split
+      from 1, as ``fss data synth`` does): every id of the dataset becomes ``<split>/<id>``
+      (``train/1``, ``val/1``), so an id always names one image.
+    """
+    first_of: dict[str, Item] = {}
+    out: list[Item] = []
+    leaks: list[tuple[Item, Item]] = []
+    for items in listed:
+        for item in items:
+            if item.quarantine:  # never read, so neither a duplicate nor a leak
+                out.append(item)
+                continue
+            prev = first_of.setdefault(os.path.realpath(item.image_path), item)
+            if prev is item:
+                out.append(item)
+            elif prev.split != item.split:
+                leaks.append((prev, item))
+            else:
+                out.append(replace(item, quarantine=(
+                    f"duplicate of {prev.id!r}: the same image file is listed twice in split "
+                    f"{item.split!r}")))
+    if leaks:
+        a, b = leaks[0]
+        raise DatasetError(
+            f"{len(leaks)} image(s) listed in two splits, e.g. {a.image_path} as {a.split} "
+            f"{a.id!r} and {b.split} {b.id!r}: an image must belong to one split (remove it "
+            "from one list)")
+    splits_of: dict[str, set[str]] = {}
+    for item in out:
+        splits_of.setdefault(item.id, set()).add(item.split)
+    if any(len(s) > 1 for s in splits_of.values()):
+        out = [replace(item, id=f"{item.split}/{item.id}") for item in out]
+    repeated = [i for i, n in Counter(item.id for item in out).items() if n > 1]
+    if repeated:
+        raise DatasetError(f"id {repeated[0]!r} is listed more than once "
+                           f"({len(repeated)} such ids): ids must be unique within a split")
+    return out
 
 
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -39,7 +39,7 @@ import hashlib
 import json
 import re
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,6 +130,17 @@ def _root(store_url: str, mode: str = "a", storage_options: dict | None = None) 
         return zarr.open_group(store=store_url, mode=mode, storage_options=storage_options)
     except FileNotFoundError as exc:
         raise StoreError(f"no Zarr store at {store_url}") from exc
+
+
+def _require_unique_ids(ids: np.ndarray, where: str) -> None:
+    """Refuse a version whose ids do not each name one row: reads by id would mix images."""
+    ids = [str(i) for i in ids]
+    if len(set(ids)) != len(ids):
+        dup = [i for i, n in Counter(ids).items() if n > 1]
+        raise StoreError(
+            f"{where} has {len(dup)} id(s) that name more than one row (e.g. {dup[0]!r}): "
+            "it was ingested before ids were made unique per dataset; rerun its ingest, "
+            "which makes a new version")
 
 
 def _version_path(name: str, version: str) -> str:
@@ -317,6 +328,7 @@ class Dataset:
                ("id", "split", "source_path", "status", "reason", "height", "width")}
         self.index = pd.DataFrame({k: np.asarray(v) for k, v in idx.items()})
         self.index["id"] = self.index["id"].astype(str)
+        _require_unique_ids(self.index["id"].to_numpy(), f"dataset {self.name}/{self.version}")
         ok = self.index["status"].to_numpy() == INGESTED
         self._rows = np.flatnonzero(ok)
         self.ids: list[str] = self.index["id"].to_numpy()[ok].tolist()
@@ -405,7 +417,9 @@ class UnlabelledImages:
         self._images = group["images"]
         ok = group["index/status"][:] == INGESTED
         rows = np.flatnonzero(ok)
-        self.ids: list[str] = [str(i) for i in group["index/id"][:][ok]]
+        all_ids = group["index/id"][:]
+        _require_unique_ids(all_ids, f"dataset {name}/{version}")
+        self.ids: list[str] = [str(i) for i in all_ids[ok]]
         self._split = {i: str(s) for i, s in zip(self.ids, group["index/split"][:][ok],
                                                   strict=True)}
         self._row = dict(zip(self.ids, rows.tolist(), strict=True))
@@ -709,6 +723,7 @@ class Derived:
         self.shard_size: int = int(attrs["shard_size"])
         self.n_rows: int = int(attrs["n_rows"])
         self.complete: bool = bool(attrs.get("complete"))
+        _require_unique_ids(ids, f"derived group {self.key}")
         ok = status == INGESTED
         self.ids: list[str] = ids[ok].tolist()
         self._row_of = {i: int(r) for i, r in zip(self.ids, np.flatnonzero(ok), strict=True)}

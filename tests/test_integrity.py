@@ -188,3 +188,71 @@ def test_mask_edited_to_the_same_byte_size_makes_a_new_version(tmp_path: Path) -
     # The old version is still there, unchanged.
     old = store.open_dataset(url, "d", first.spec.version).original_mask("b")
     assert not np.array_equal(old, label)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Ids unique within a dataset
+
+
+def test_coco_ids_restarting_per_split_are_namespaced(tmp_path: Path) -> None:
+    root = tmp_path / "coco"
+    _coco(root, "train", [(k, f"t{k}.jpg") for k in (1, 2, 3, 4)])
+    _coco(root, "val", [(k, f"v{k}.jpg") for k in (1, 2)])
+    readers = [make_reader("coco", root, s) for s in ("train", "val")]
+    url = str(tmp_path / "s.zarr")
+    plan, summary = _ingest(readers, url, size=20)
+    assert summary["ingested"] == 6
+    ds = store.open_dataset(url, "d")
+    assert ds.split_ids("train") == ["train/1", "train/2", "train/3", "train/4"]
+    assert ds.split_ids("val") == ["val/1", "val/2"]
+    for split, reader in zip(("train", "val"), readers, strict=True):
+        for item in reader.list_items():
+            image, _ = reader.load(item)
+            small, _ = ingest.resize_pair(image, image[..., 0], 20)
+            np.testing.assert_array_equal(ds.image(f"{split}/{item.id}"), small)
+    # A single split keeps the source's ids.
+    _, single = _ingest([make_reader("coco", root, "val")], url, name="v")
+    assert store.open_dataset(url, "v").ids == ["1", "2"]
+
+
+def test_a_store_with_repeated_ids_is_refused(tmp_path: Path) -> None:
+    spec = store.DatasetSpec(
+        name="old", version="v-000000000000", size=16, shard_size=4,
+        classes=["background", "x"], source_ids=[0, 1], ids=["1", "2", "1"],
+        splits=["train", "train", "val"], source_paths=["a", "b", "c"], max_height=16,
+        max_width=16)
+    url = str(tmp_path / "s.zarr")
+    store.create_dataset(url, spec)
+    ok = store.ItemResult(image=np.zeros((16, 16, 3), np.uint8),
+                          mask=np.zeros((16, 16), np.uint8),
+                          original_mask=np.zeros((16, 16), np.uint8))
+    store.write_shard(url, "old", spec.version, 0, [ok, ok, ok])
+    assert store.finalize_dataset(url, "old", spec.version)["complete"]
+    with pytest.raises(store.StoreError, match="id.* that name more than one row .*'1'"):
+        store.open_dataset(url, "old")
+    with pytest.raises(store.StoreError, match="name more than one row"):
+        store.UnlabelledImages(url, "old")
+
+
+def test_an_image_in_two_splits_or_a_split_named_twice_is_refused(tmp_path: Path) -> None:
+    root = _voc(tmp_path / "voc", {"train": ["a", "b", "shared"], "val": ["c", "shared"]})
+    readers = [make_reader("voc", root, s) for s in ("train", "val")]
+    with pytest.raises(DatasetError, match="1 image.* listed in two splits.*'shared'") as err:
+        ingest.plan_ingest(readers, "d")
+    assert "\n" not in str(err.value)
+    train = make_reader("voc", root, "train")
+    with pytest.raises(ValueError, match="split 'train' is named twice") as err:
+        ingest.plan_ingest([train, make_reader("voc", root, "train")], "d")
+    assert "\n" not in str(err.value)
+
+
+def test_one_image_twice_within_a_split_is_quarantined(tmp_path: Path) -> None:
+    root = tmp_path / "coco"
+    _coco(root, "train", [(1, "a.jpg"), (2, "b.jpg"), (3, "a.jpg")])
+    url = str(tmp_path / "s.zarr")
+    _, summary = _ingest([make_reader("coco", root, "train")], url)
+    assert (summary["ingested"], summary["quarantined"]) == (2, 1)
+    ds = store.open_dataset(url, "d")
+    assert ds.ids == ["1", "2"]
+    assert ds.quarantine.at[0, "reason"] == (
+        "duplicate of '1': the same image file is listed twice in split 'train'")
