@@ -6,11 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo demo-quick test bench clean deploy worker-cpu mlflow-ui
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch==2.13.0 resolves to the local CPU wheel here; CUDA hosts get the CUDA build.
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# constraints.txt: the versions that matter, each pin justified there (reproducible install).
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

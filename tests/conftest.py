@@ -39,15 +39,28 @@ def tiny_store(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> st
 
 
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+def fss_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's FSS_HOME: the test Prefect server's DB and log live here."""
+    home = tmp_path_factory.mktemp("fss-home")
+    os.environ["FSS_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def prefect_server(fss_home: Path):
     """`prefect server start` on 127.0.0.1 with its own SQLite DB; stopped after the session."""
     from flows.runtime import _drain_prefect_workers, start_server, stop_process
 
-    os.environ["FSS_HOME"] = str(tmp_path_factory.mktemp("fss-home"))
-    proc, url = start_server(ui=False)
+    proc, url = start_server(ui=False, log=fss_home / "prefect-server.log")
     yield url
     _drain_prefect_workers()
     stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def prefect_server_log(prefect_server: str, fss_home: Path) -> Path:
+    """The test server's stdout and stderr (its services log their errors there)."""
+    return fss_home / "prefect-server.log"
 
 
 @pytest.fixture

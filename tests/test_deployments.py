@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,13 @@ def _declared() -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def deployed(prefect_server: str) -> dict[str, dict[str, Any]]:
+def log_before_deploy(prefect_server_log: Path) -> int:
+    """Where the server log stood before this module deployed (what follows is ours)."""
+    return prefect_server_log.stat().st_size if prefect_server_log.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server: str, log_before_deploy: int) -> dict[str, dict[str, Any]]:
     """Pools + every deployment of prefect.yaml, applied once for this module."""
     assert set(ensure_pools(prefect_server)) <= set(POOLS)
     assert ensure_pools(prefect_server) == []  # idempotent: existing pools are kept
@@ -84,6 +91,51 @@ def test_every_deployment_is_accepted_with_pool_schedule_and_pull_step(
         from tasks.ablation import study_from_dict
 
         assert study_from_dict(yaml.safe_load(study_file.read_text())).points
+
+
+def _upcoming_runs(api_url: str, deployment_id: str) -> int:
+    """Scheduled (not yet started) flow runs of one deployment, as the UI's Upcoming tab."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), \
+            get_client(sync_client=True) as client:
+        return len(client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))))
+
+
+@pytest.mark.slow
+def test_schedules_produce_upcoming_runs_with_no_scheduler_error(
+        deployed: dict[str, dict[str, Any]], prefect_server: str, prefect_server_log: Path,
+        log_before_deploy: int) -> None:
+    """The nightly study really gets runs: Prefect 3.8.8's scheduler creates none, and logs
+    `Can't evaluate bulk DML statement` every loop, with SQLAlchemy 2.1 (pinned <2.1)."""
+    scheduled = {n: d for n, d in deployed.items() if any(s["active"] for s in d["schedules"])}
+    assert "fss-ablation/nightly-synthetic" in scheduled
+    # The "recent deployments" loop runs every 5 s and schedules at least 3 runs each.
+    deadline = time.monotonic() + 60
+    while True:
+        upcoming = {n: _upcoming_runs(prefect_server, d["id"]) for n, d in scheduled.items()}
+        if all(n >= 3 for n in upcoming.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    with open(prefect_server_log, "rb") as f:
+        f.seek(log_before_deploy)
+        log = f.read().decode(errors="replace")
+    errors = [line for line in log.splitlines()
+              if any(w in line for w in ("ERROR", "Traceback", "Error scheduling", "bulk DML"))]
+    assert not errors, "scheduler errors in the server log:\n" + "\n".join(errors[:20])
+    assert all(n >= 3 for n in upcoming.values()), f"upcoming runs per deployment: {upcoming}"
 
 
 @pytest.mark.slow
