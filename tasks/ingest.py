@@ -173,6 +173,26 @@ def ingest_shard(store_url: str, name: str, version: str, shard: int, items: Seq
     return report
 
 
+def ingest_dataset(source: str, root: str, store_url: str, name: str, *,
+                   splits: Sequence[str] = ("train", "val"), size: int = DEFAULT_SIZE,
+                   shard_size: int = DEFAULT_SHARD_SIZE, classes_file: str | None = None,
+                   list_file: str | None = None) -> dict[str, Any]:
+    """The whole ingest in this process, shard after shard (no Prefect, no Dask).
+
+    What the flow does, for tests, scripts and small datasets; safe to run concurrently with
+    other ingests of the same dataset into a local store (`store.create_dataset`).
+    """
+    from tasks.readers import make_reader
+
+    readers = [make_reader(source, root, s, classes_file=classes_file, list_file=list_file)
+               for s in splits]
+    plan = plan_ingest(readers, name, size=size, shard_size=shard_size)
+    store.create_dataset(store_url, plan.spec)
+    reports = [ingest_shard(store_url, name, plan.spec.version, k, plan.shard_items(k),
+                            plan.readers, size) for k in range(plan.spec.n_shards)]
+    return summarize(reports, plan, store.finalize_dataset(store_url, name, plan.spec.version))
+
+
 def summarize(reports: Sequence[ShardReport], plan: IngestPlan,
               final: dict[str, Any]) -> dict[str, Any]:
     """The run's account: what this run did, and what the store now holds."""

@@ -34,20 +34,29 @@ overwriting the old one.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import json
+import os
 import re
+import shutil
 import threading
+import time
+import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import zarr
+from filelock import FileLock
 from zarr.codecs import ZstdCodec
+from zarr.errors import ContainsArrayAndGroupError, ContainsArrayError, ContainsGroupError
 
 LAYOUT_VERSION = 1
 DATASETS = "datasets"
@@ -55,6 +64,14 @@ PENDING, INGESTED, QUARANTINED = 0, 1, 2
 IGNORE = 255
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no "\n" slips by
 _MASK_CODEC = ZstdCodec(level=3)  # masks compress 40-190x; images are stored raw
+# Local stores only: groups under construction (<store>/.staging/<unique>) and the locks that
+# serialise read-modify-writes of a dataset's attributes (<store>/.locks/<name>.lock).
+# Neither is a Zarr node, so listings of the store never show them.
+STAGING, LOCKS = ".staging", ".locks"
+_STALE_STAGING_S = 24 * 3600  # a creator that died mid-build leaves its staging group behind
+_VERSION_ARRAYS = ("images", "masks", "original_masks", "index/id", "index/split",
+                   "index/source_path", "index/status", "index/reason", "index/height",
+                   "index/width", "index/class_pixels", "shard_done")
 
 
 class StoreError(Exception):
@@ -126,10 +143,17 @@ class ItemResult:
 
 
 def _root(store_url: str, mode: str = "a", storage_options: dict | None = None) -> zarr.Group:
-    try:
-        return zarr.open_group(store=store_url, mode=mode, storage_options=storage_options)
-    except FileNotFoundError as exc:
-        raise StoreError(f"no Zarr store at {store_url}") from exc
+    for attempt in range(5):
+        try:
+            return zarr.open_group(store=store_url, mode=mode, storage_options=storage_options)
+        except FileNotFoundError as exc:
+            raise StoreError(f"no Zarr store at {store_url}") from exc
+        except (ContainsGroupError, ContainsArrayAndGroupError):
+            # Another process created the store between zarr's check and its write: open it.
+            if attempt == 4:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
 
 
 def _require_unique_ids(ids: np.ndarray, where: str) -> None:
@@ -147,23 +171,195 @@ def _version_path(name: str, version: str) -> str:
     return f"{DATASETS}/{validate_name(name)}/{version}"
 
 
-def create_dataset(store_url: str, spec: DatasetSpec) -> bool:
-    """Create the arrays of a dataset version; a no-op when it already exists.
+def _local_dir(store_url: str) -> Path | None:
+    """The folder of a store on the local filesystem; None for object storage and the like."""
+    if "://" not in store_url:
+        return Path(store_url)
+    if store_url.startswith("file://"):
+        return Path(store_url[len("file://"):])
+    return None
 
-    Returns True when the arrays were created now. Only the orchestrating process calls this,
-    before any shard writer starts.
+
+def _group_or_none(root: zarr.Group, path: str) -> zarr.Group | None:
+    try:
+        node = root[path]
+    except (KeyError, FileNotFoundError, ValueError):
+        return None
+    return node if isinstance(node, zarr.Group) else None
+
+
+def version_problems(group: zarr.Group) -> list[str]:
+    """What is wrong with a dataset version: [] when it was created and every array opens
+    with its rows (a version counts as existing, and as complete, only then)."""
+    attrs = group.attrs
+    if not attrs.get("created"):
+        return ["its creation never finished"]
+    n = int(attrs.get("n_listed", -1))
+    n_shards = len(shard_bounds(n, int(attrs.get("shard_size", 1))))
+    problems = []
+    for key in _VERSION_ARRAYS:
+        try:
+            array = group[key]
+        except Exception as exc:  # noqa: BLE001 - any failure to open is the finding
+            problems.append(f"{key} does not open ({type(exc).__name__}: {exc})")
+            continue
+        rows = n_shards if key == "shard_done" else n
+        if not isinstance(array, zarr.Array) or array.shape[:1] != (rows,):
+            problems.append(f"{key} is not an array of {rows} rows")
+    return problems
+
+
+def _derived_problems(group: zarr.Group) -> list[str]:
+    attrs = group.attrs
+    if not attrs.get("created"):
+        return ["its creation never finished"]
+    problems = []
+    for key in [f["name"] for f in attrs.get("fields", [])] + ["shard_done"]:
+        try:
+            if not isinstance(group[key], zarr.Array):
+                problems.append(f"{key} is not an array")
+        except Exception as exc:  # noqa: BLE001 - any failure to open is the finding
+            problems.append(f"{key} does not open ({type(exc).__name__}: {exc})")
+    return problems
+
+
+def _existing_problems(root: zarr.Group, path: str,
+                       check: Callable[[zarr.Group], list[str]]) -> list[str] | None:
+    """None when no group is at ``path``, [] when a sound one is, else what is wrong."""
+    group = _group_or_none(root, path)
+    return None if group is None else check(group)
+
+
+def _require_group(root: zarr.Group, path: str) -> zarr.Group:
+    for _ in range(5):  # another process may create it between zarr's check and its write
+        with contextlib.suppress(ContainsGroupError, ContainsArrayAndGroupError, FileExistsError):
+            return root.require_group(path)
+        time.sleep(0.05)
+    return root.require_group(path)
+
+
+def _sweep_staging(local: Path) -> None:
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for entry in (local / STAGING).iterdir():
+            with contextlib.suppress(OSError):
+                if now - entry.stat().st_mtime > _STALE_STAGING_S:
+                    shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _dataset_lock(store_url: str, name: str):
+    """Serialise read-modify-writes of a dataset's attributes (local stores; elsewhere a
+    no-op: object storage offers no lock, and there concurrent finalizes may lose an entry of
+    ``versions``, never data)."""
+    local = _local_dir(store_url)
+    if local is None:
+        yield
+        return
+    (local / LOCKS).mkdir(parents=True, exist_ok=True)
+    with FileLock(str(local / LOCKS / f"{validate_name(name)}.lock"), timeout=120):
+        yield
+
+
+def _forget_version(store_url: str, root: zarr.Group, name: str, version: str) -> None:
+    """Stop naming a version latest (it is being rebuilt): readers then get a clear error
+    instead of a half-written version."""
+    parent = _group_or_none(root, f"{DATASETS}/{name}")
+    if parent is None or (parent.attrs.get("latest") != version
+                          and version not in parent.attrs.get("versions", {})):
+        return
+    with _dataset_lock(store_url, name):
+        versions = dict(parent.attrs.get("versions", {}))
+        versions.pop(version, None)
+        latest = parent.attrs.get("latest")
+        parent.attrs.update({"latest": None if latest == version else latest,
+                             "versions": versions})
+
+
+def _create_group(store_url: str, path: str, build: Callable[[zarr.Group], None],
+                  check: Callable[[zarr.Group], list[str]]) -> bool:
+    """Create the group at ``path`` with ``build`` unless a sound one (``check``) is there;
+    a damaged or unfinished one is rebuilt. Returns True when it was built now.
+
+    Local filesystems: the group is built under ``<store>/.staging/<unique>`` and renamed into
+    place. ``rename(2)`` of a directory is atomic and refuses a non-empty target, so racing
+    creators cannot destroy each other's arrays: one rename wins, the others find a sound
+    group, discard theirs, and go on with the winner's.
+
+    Object storage (s3://, gs://, ... through fsspec) has neither an atomic rename of a prefix
+    nor an exclusive lock, so there the group is created in place without overwriting: a second
+    concurrent creator fails with a clear `StoreError` instead of destroying the first one's
+    arrays. Run one ingest (or stage) of a dataset at a time on object storage.
+    """
+    root = _root(store_url)
+    problems = _existing_problems(root, path, check)
+    if problems == []:
+        return False  # reads only: a no-op rerun works on a read-only store
+    local = _local_dir(store_url)
+    if local is None:
+        if problems is not None:  # damaged or unfinished: start over
+            zarr.core.sync.sync(root.store.delete_dir(path))
+        try:
+            build(_require_group(root, path))
+        except (ContainsArrayError, ContainsGroupError, ContainsArrayAndGroupError) as exc:
+            raise StoreError(f"another process is creating {path} in {store_url}: on object "
+                             "storage run one ingest of a dataset at a time") from exc
+        return True
+    _sweep_staging(local)
+    staging = local / STAGING / f"{uuid.uuid4().hex}"
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        build(zarr.open_group(store=str(staging), mode="w"))
+        _require_group(root, path.rsplit("/", 1)[0])
+        final = local / path
+        for _ in range(8):
+            try:
+                os.rename(staging, final)
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+            if _existing_problems(root, path, check) == []:
+                return False  # another creator won: use its group
+            # Damaged, unfinished or a leftover without metadata: move it aside atomically
+            # (a racing repairer may have moved it already), then place ours.
+            aside = local / STAGING / f"damaged-{uuid.uuid4().hex}"
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(final, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        raise StoreError(f"could not place {path} in {store_url}: it keeps being replaced")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful rename
+
+
+def create_dataset(store_url: str, spec: DatasetSpec) -> bool:
+    """Create the arrays of a dataset version; a no-op when a sound one already exists.
+
+    Returns True when the arrays were created now. Safe against concurrent creators of the same
+    version on a local store (see `_create_group`: build under a temporary name, rename into
+    place; object storage: see there). A version that exists but does not verify (an array
+    that does not open, a creation that never finished: `version_problems`) is rebuilt, and
+    its shards are written again by the ingest that follows.
     """
     root = _root(store_url)
     path = _version_path(spec.name, spec.version)
-    if path in root and root[path].attrs.get("created"):
+    problems = _existing_problems(root, path, version_problems)
+    if problems == []:
         return False
+    if problems is not None:
+        _forget_version(store_url, root, spec.name, spec.version)
+    return _create_group(store_url, path, functools.partial(_build_version, spec=spec),
+                         version_problems)
+
+
+def _build_version(g: zarr.Group, spec: DatasetSpec) -> None:
+    """Every array and attribute of a fresh version group; ``created`` is written last."""
     n, s, c = spec.n_items, spec.size, len(spec.classes)
-    g = root.require_group(path)
     rows = spec.shard_size
 
     def arr(key: str, shape: tuple, dtype: Any, chunks: tuple, fill: Any, **kw: Any) -> Any:
         return g.create_array(key, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill,
-                              overwrite=True, **kw)
+                              **kw)
 
     arr("images", (n, s, s, 3), "uint8", (1, s, s, 3), 0, shards=(rows, s, s, 3),
         compressors=None)
@@ -193,9 +389,8 @@ def create_dataset(store_url: str, spec: DatasetSpec) -> bool:
         "fingerprint": spec.fingerprint,
         "source": spec.source,
         "n_listed": n,
-        "created": True,  # last: a crash before this recreates the arrays on rerun
+        "created": True,  # last: without it the version does not verify and is rebuilt
     })
-    return True
 
 
 def done_shards(store_url: str, name: str, version: str, derived: str | None = None) -> set[int]:
@@ -253,7 +448,12 @@ def write_shard(store_url: str, name: str, version: str, shard: int,
 def finalize_dataset(store_url: str, name: str, version: str) -> dict[str, Any]:
     """Record the version's summary and make it the dataset's latest; returns the summary."""
     root = _root(store_url)
-    g = root[_version_path(name, version)]
+    path = _version_path(name, version)
+    g = _group_or_none(root, path)
+    problems = ["it does not exist"] if g is None else version_problems(g)
+    if problems:
+        raise StoreError(f"dataset version {name}/{version} is damaged ({problems[0]}): "
+                         "rerun its ingest to rebuild it")
     status = g["index/status"][:]
     done = g["shard_done"][:]
     summary = {
@@ -272,10 +472,12 @@ def finalize_dataset(store_url: str, name: str, version: str) -> dict[str, Any]:
     if summary["complete"]:
         parent = root[f"{DATASETS}/{name}"]
         entry = {"params": g.attrs["params"], "summary": summary}
-        versions = dict(parent.attrs.get("versions", {}))
-        if parent.attrs.get("latest") != version or versions.get(version) != entry:
-            versions[version] = entry
-            parent.attrs.update({"latest": version, "versions": versions})
+        if (parent.attrs.get("latest") != version
+                or parent.attrs.get("versions", {}).get(version) != entry):
+            with _dataset_lock(store_url, name):  # another version may be finalizing too
+                versions = dict(parent.attrs.get("versions", {}))
+                versions[version] = entry
+                parent.attrs.update({"latest": version, "versions": versions})
     return summary
 
 
@@ -411,6 +613,7 @@ class UnlabelledImages:
                  cache_bytes: int = 1 << 30) -> None:
         version = resolve_version(store_url, name, version)
         group = _root(store_url, mode="r")[_version_path(name, version)]
+        _require_sound(group, name, version)
         self.name, self.version = name, version
         self.size = int(group.attrs["size"])
         self._shard_size = int(group.attrs["shard_size"])
@@ -455,9 +658,18 @@ def open_dataset(store_url: str, name: str, version: str | None = None, *,
         version = root[path].attrs.get("latest")
         if version is None:
             raise StoreError(f"dataset {name!r} has no completed version yet: rerun its ingest")
-    if f"{path}/{version}" not in root:
+    group = _group_or_none(root, f"{path}/{version}")
+    if group is None:
         raise StoreError(f"dataset {name!r} has no version {version!r}")
-    return Dataset(root[f"{path}/{version}"], cache_bytes)
+    _require_sound(group, name, version)
+    return Dataset(group, cache_bytes)
+
+
+def _require_sound(group: zarr.Group, name: str, version: str) -> None:
+    problems = version_problems(group)
+    if problems:
+        raise StoreError(f"dataset version {name}/{version} is damaged ({problems[0]}): "
+                         "rerun its ingest to rebuild it")
 
 
 def list_datasets(store_url: str) -> list[str]:
@@ -607,49 +819,54 @@ def create_derived(store_url: str, name: str, version: str, kind: str, params: d
 
     ``extra`` holds small whole arrays written now (e.g. cluster centres); ``attrs`` more
     json-able attributes. Returns the key and whether the group was created now. Only the
-    orchestrating process calls this, before any shard writer starts.
+    orchestrating process calls this, before any shard writer starts; a group that exists but
+    does not verify is rebuilt.
     """
     key = derived_key(kind, params)
     root = _root(store_url)
     ds = root[_version_path(name, version)]
     path = _derived_path(name, version, key)
-    if path in root and root[path].attrs.get("created"):
-        if root[path].attrs["params"] != json.loads(json.dumps(params)):
+    existing = _group_or_none(root, path)
+    if existing is not None and existing.attrs.get("created"):
+        if existing.attrs["params"] != json.loads(json.dumps(params)):
             raise StoreError(f"derived group {key} exists with other parameters")
-        return key, False
     if not fields:
         raise ValueError("a derived group needs at least one field")
-    n, rows = ds["index/id"].shape[0], int(ds.attrs["shard_size"])
-    n_shards = len(shard_bounds(n, rows))
-    g = root.require_group(path)
     for f in fields:
         _check_kind(f.name, "field name")
-        codec = _MASK_CODEC if f.compress else None
-        g.create_array(f.name, shape=(n, *f.shape), dtype=f.dtype, chunks=(1, *f.shape),
-                       shards=(rows, *f.shape), fill_value=f.fill, compressors=codec,
-                       overwrite=True)
-    for k, value in (extra or {}).items():
+    for k in extra or {}:
         _check_kind(k, "extra array name")
-        value = np.asarray(value)
-        g.create_array(f"extra/{k}", shape=value.shape, dtype=value.dtype,
-                       chunks=value.shape or None, overwrite=True)[...] = value
-    g.create_array("shard_done", shape=(n_shards,), dtype="uint8", chunks=(1,), fill_value=0,
-                   overwrite=True)
-    g.attrs.update({
-        **(attrs or {}),
-        "layout": LAYOUT_VERSION,
-        "kind": kind,
-        "key": key,
-        "dataset": {"name": name, "version": version},
-        "params": params,
-        "fields": [f.to_dict() for f in fields],
-        "primary": fields[0].name,
-        "shard_size": rows,
-        "n_rows": n,
-        "complete": False,
-        "created": True,  # last: a crash before this recreates the arrays on rerun
-    })
-    return key, True
+    n, rows = ds["index/id"].shape[0], int(ds.attrs["shard_size"])
+    n_shards = len(shard_bounds(n, rows))
+
+    def build(g: zarr.Group) -> None:
+        for f in fields:
+            codec = _MASK_CODEC if f.compress else None
+            g.create_array(f.name, shape=(n, *f.shape), dtype=f.dtype, chunks=(1, *f.shape),
+                           shards=(rows, *f.shape), fill_value=f.fill, compressors=codec)
+        for k, value in (extra or {}).items():
+            value = np.asarray(value)
+            g.create_array(f"extra/{k}", shape=value.shape, dtype=value.dtype,
+                           chunks=value.shape or None)[...] = value
+        g.create_array("shard_done", shape=(n_shards,), dtype="uint8", chunks=(1,),
+                       fill_value=0)
+        g.attrs.update({
+            **(attrs or {}),
+            "layout": LAYOUT_VERSION,
+            "kind": kind,
+            "key": key,
+            "dataset": {"name": name, "version": version},
+            "params": params,
+            "fields": [f.to_dict() for f in fields],
+            "primary": fields[0].name,
+            "shard_size": rows,
+            "n_rows": n,
+            "complete": False,
+            "created": True,  # last: without it the group does not verify and is rebuilt
+        })
+
+    # Built under a temporary name and renamed into place (local stores), like a version.
+    return key, _create_group(store_url, path, build, _derived_problems)
 
 
 def write_derived_shard(store_url: str, name: str, version: str, key: str, shard: int,

@@ -256,3 +256,99 @@ def test_one_image_twice_within_a_split_is_quarantined(tmp_path: Path) -> None:
     assert ds.ids == ["1", "2"]
     assert ds.quarantine.at[0, "reason"] == (
         "duplicate of '1': the same image file is listed twice in split 'train'")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Racing ingests
+
+
+_BARRIER = None  # set in each racing process by _start_racer
+
+
+def _start_racer(barrier) -> None:
+    global _BARRIER
+    _BARRIER = barrier
+
+
+def _racing_ingest(root: str, url: str) -> str:
+    """One of several processes ingesting the same dataset at once (spawned: plain function).
+
+    Returns "ok", or "refused: <message>" for a refusal the store explains; anything else
+    raises, and the test fails with its traceback.
+    """
+    _BARRIER.wait(timeout=60)  # all start creating the version at the same moment
+    try:
+        ingest.ingest_dataset("voc", root, url, "race", size=16, shard_size=2)
+    except (store.StoreError, DatasetError) as exc:
+        return f"refused: {exc}"
+    return "ok"
+
+
+def test_racing_ingests_leave_one_sound_version(tmp_path: Path) -> None:
+    """4 processes (spawned once, reused) race to ingest one dataset into a fresh store, 3 times:
+    each finishes or is refused with a message; the version opens, complete and exact."""
+    import multiprocessing as mp
+
+    root = _voc(tmp_path / "voc", {"train": [f"t{k}" for k in range(8)], "val": ["v0", "v1"]})
+    reference = str(tmp_path / "reference.zarr")
+    expected = ingest.ingest_dataset("voc", str(root), reference, "race", size=16, shard_size=2)
+    ref = store.open_dataset(reference, "race")
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    with ctx.Pool(4, initializer=_start_racer, initargs=(barrier,)) as pool:
+        for trial in range(3):
+            url = str(tmp_path / f"race{trial}.zarr")
+            # One task per process: each blocks on the barrier until all four hold one.
+            outcomes = pool.starmap(_racing_ingest, [(str(root), url)] * 4, chunksize=1)
+            assert all(o == "ok" or o.startswith("refused: ") for o in outcomes), outcomes
+            assert "ok" in outcomes, f"trial {trial}: every process was refused: {outcomes}"
+            ds = store.open_dataset(url, "race")
+            assert ds.version == expected["version"]
+            assert len(ds.index) == len(set(ds.index["id"])) == expected["listed"] == 10
+            assert ds.ids == ref.ids and ds.summary["ingested"] == 10 and ds.quarantine.empty
+            for image_id in ds.ids:
+                np.testing.assert_array_equal(ds.image(image_id), ref.image(image_id))
+                np.testing.assert_array_equal(ds.original_mask(image_id),
+                                              ref.original_mask(image_id))
+            # A rerun finds the version complete and writes nothing.
+            again = ingest.ingest_dataset("voc", str(root), url, "race", size=16, shard_size=2)
+            assert again["shards_written"] == 0 and again["ingested"] == 10
+        pool.close()
+        pool.join()
+
+
+def test_a_damaged_version_is_refused_then_rebuilt_by_a_rerun(tmp_path: Path) -> None:
+    root = _voc(tmp_path / "voc", {"train": [f"t{k}" for k in range(6)], "val": ["v0"]})
+    url = str(tmp_path / "s.zarr")
+    first = ingest.ingest_dataset("voc", str(root), url, "d", size=16, shard_size=2)
+    reference = store.open_dataset(url, "d")
+    images = {i: reference.image(i) for i in reference.ids}
+    # What a racing creator used to leave: an array's metadata gone, the version still latest.
+    (Path(url) / "datasets" / "d" / first["version"] / "index" / "id" / "zarr.json").unlink()
+    with pytest.raises(store.StoreError, match="is damaged .*index/id does not open.*rerun"):
+        store.open_dataset(url, "d")
+    with pytest.raises(store.StoreError, match="is damaged"):
+        store.finalize_dataset(url, "d", first["version"])
+    again = ingest.ingest_dataset("voc", str(root), url, "d", size=16, shard_size=2)
+    assert again["version"] == first["version"] and again["complete"]
+    assert again["shards_written"] == again["shards"] == 4  # rebuilt, not "already complete"
+    ds = store.open_dataset(url, "d")
+    assert ds.ids == reference.ids
+    for image_id, image in images.items():
+        np.testing.assert_array_equal(ds.image(image_id), image)
+    assert not any((Path(url) / store.STAGING).iterdir())  # nothing left behind
+
+
+def test_object_storage_creates_in_place_and_repairs(tmp_path: Path) -> None:
+    import uuid
+
+    root = _voc(tmp_path / "voc", {"train": ["a", "b", "c"]})
+    url = f"memory://integrity-{uuid.uuid4().hex}"
+    plan, summary = _ingest([make_reader("voc", root, "train")], url)
+    assert summary["complete"] and not store.create_dataset(url, plan.spec)
+    assert len(store.open_dataset(url, "d")) == 3
+    # A creation that never finished (no "created"): rebuilt in place.
+    group = store._root(url)[f"datasets/d/{plan.spec.version}"]
+    group.attrs["created"] = False
+    assert store.create_dataset(url, plan.spec)
+    assert store.done_shards(url, "d", plan.spec.version) == set()
