@@ -32,12 +32,14 @@ def ingest_shard_task(store_url: str, name: str, version: str, shard: int, items
 def ingest_flow(source: str, root: str, store_url: str, name: str,
                 splits: list[str] | None = None, size: int = ingest.DEFAULT_SIZE,
                 shard_size: int = ingest.DEFAULT_SHARD_SIZE, classes_file: str | None = None,
-                list_file: str | None = None, progress: bool = True) -> dict[str, Any]:
+                list_file: str | None = None, progress: bool = True,
+                max_pixels: int = ingest.DEFAULT_MAX_PIXELS) -> dict[str, Any]:
     """Ingest `splits` of a VOC- or COCO-format dataset into the store as one dataset version."""
     splits = splits or ["train", "val"]
     readers = [make_reader(source, Path(root), s, classes_file=classes_file, list_file=list_file)
                for s in splits]
-    plan = ingest.plan_ingest(readers, name, size=size, shard_size=shard_size)
+    plan = ingest.plan_ingest(readers, name, size=size, shard_size=shard_size,
+                              max_pixels=max_pixels)
     spec = plan.spec
     store.create_dataset(store_url, spec)
     done = store.done_shards(store_url, name, spec.version)

@@ -21,6 +21,9 @@ from tasks.readers import BadItem, DatasetError, Item, Reader
 
 DEFAULT_SIZE = 144
 DEFAULT_SHARD_SIZE = 64
+# Larger images are quarantined: a shard of original-size masks is allocated at the dataset's
+# largest listed image (8000x8000 here; Pillow itself refuses 179 Mpx as a decompression bomb).
+DEFAULT_MAX_PIXELS = 64_000_000
 
 
 @dataclass
@@ -45,13 +48,20 @@ class ShardReport:
 
 
 def plan_ingest(readers: Sequence[Reader], name: str, *, size: int = DEFAULT_SIZE,
-                shard_size: int = DEFAULT_SHARD_SIZE) -> IngestPlan:
-    """List every split's items (fails fast on a wrong root) and derive the dataset version."""
+                shard_size: int = DEFAULT_SHARD_SIZE,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> IngestPlan:
+    """List every split's items (fails fast on a wrong root) and derive the dataset version.
+
+    Items over ``max_pixels`` (by their file header) are quarantined; the layout is sized by
+    the largest remaining image whose size its header confirmed.
+    """
     store.validate_name(name)
     if size < 16:
         raise ValueError(f"size must be at least 16 px, got {size}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
+    if max_pixels < size * size:
+        raise ValueError(f"max_pixels must be at least size^2 = {size * size}, got {max_pixels}")
     first = readers[0]
     for r in readers[1:]:
         if r.classes != first.classes:
@@ -61,14 +71,16 @@ def plan_ingest(readers: Sequence[Reader], name: str, *, size: int = DEFAULT_SIZ
     if twice:
         raise ValueError(f"split {twice[0]!r} is named twice: name each split once "
                          "(e.g. --split train,val)")
-    items = unique_items([r.list_items() for r in readers])
+    items = guard_pixels(unique_items([r.list_items() for r in readers]), max_pixels)
     if not items:
         raise ValueError(f"no items listed for {name}: check the root and split")
     fingerprint = hashlib.sha256(
         "".join(r.fingerprint() for r in readers).encode()).hexdigest()
-    params = {"size": size, "shard_size": shard_size, "kind": first.kind, "splits": splits}
-    heights = [i.height for i in items if i.height]
-    widths = [i.width for i in items if i.width]
+    params = {"size": size, "shard_size": shard_size, "kind": first.kind, "splits": splits,
+              "max_pixels": max_pixels}
+    sized = [i for i in items if i.height and i.width and not i.quarantine]
+    heights = [i.height for i in sized]
+    widths = [i.width for i in sized]
     spec = store.DatasetSpec(
         name=name,
         version=store.version_id(params, fingerprint),
@@ -87,6 +99,20 @@ def plan_ingest(readers: Sequence[Reader], name: str, *, size: int = DEFAULT_SIZ
     )
     return IngestPlan(spec=spec, items=items, readers={s: r for s, r in zip(splits, readers,
                                                                                 strict=True)})
+
+
+def guard_pixels(items: Sequence[Item], max_pixels: int) -> list[Item]:
+    """Quarantine items whose image (by its header) holds more than ``max_pixels``."""
+    out = []
+    for item in items:
+        if not item.quarantine and item.height and item.width:
+            pixels = item.height * item.width
+            if pixels > max_pixels:
+                item = replace(item, quarantine=(
+                    f"image {item.width}x{item.height} has {pixels:,} pixels, over the limit "
+                    f"of {max_pixels:,} (max_pixels)"))
+        out.append(item)
+    return out
 
 
 def unique_items(listed: Sequence[Sequence[Item]]) -> list[Item]:
@@ -176,7 +202,8 @@ def ingest_shard(store_url: str, name: str, version: str, shard: int, items: Seq
 def ingest_dataset(source: str, root: str, store_url: str, name: str, *,
                    splits: Sequence[str] = ("train", "val"), size: int = DEFAULT_SIZE,
                    shard_size: int = DEFAULT_SHARD_SIZE, classes_file: str | None = None,
-                   list_file: str | None = None) -> dict[str, Any]:
+                   list_file: str | None = None,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
     """The whole ingest in this process, shard after shard (no Prefect, no Dask).
 
     What the flow does, for tests, scripts and small datasets; safe to run concurrently with
@@ -186,7 +213,7 @@ def ingest_dataset(source: str, root: str, store_url: str, name: str, *,
 
     readers = [make_reader(source, root, s, classes_file=classes_file, list_file=list_file)
                for s in splits]
-    plan = plan_ingest(readers, name, size=size, shard_size=shard_size)
+    plan = plan_ingest(readers, name, size=size, shard_size=shard_size, max_pixels=max_pixels)
     store.create_dataset(store_url, plan.spec)
     reports = [ingest_shard(store_url, name, plan.spec.version, k, plan.shard_items(k),
                             plan.readers, size) for k in range(plan.spec.n_shards)]

@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -616,8 +616,24 @@ class COCOReader(Reader):
         assert self._items is not None
         items = list(self._items)
         _require_some_images(items, self.image_dir)
-        self._listed = (items, scan_files([i.image_path for i in items if not i.quarantine]))
+        facts = scan_files([i.image_path for i in items if not i.quarantine])
+        items = [self._check_size(item, facts.get(item.image_path)) for item in items]
+        self._listed = (items, facts)
         return list(items)
+
+    @staticmethod
+    def _check_size(item: Item, facts: FileFacts | None) -> Item:
+        """The json's size claim against the file's header: a layout is sized by verified
+        sizes only (a claim of 20000x20000 for a small image must not size the store)."""
+        if facts is None or item.quarantine:
+            return item
+        if facts.height is None:  # unreadable header: load() decodes and reports it
+            return replace(item, height=None, width=None)
+        if (facts.height, facts.width) != (item.height, item.width):
+            return replace(item, height=facts.height, width=facts.width, quarantine=(
+                f"image {facts.width}x{facts.height} != annotated size "
+                f"{item.width}x{item.height}"))
+        return item
 
     def _rle(self, item: Item, ann: dict[str, Any], height: int, width: int) -> dict[str, Any]:
         """Validate one annotation's segmentation and return its (compressed) RLE."""

@@ -352,3 +352,41 @@ def test_object_storage_creates_in_place_and_repairs(tmp_path: Path) -> None:
     group.attrs["created"] = False
     assert store.create_dataset(url, plan.spec)
     assert store.done_shards(url, "d", plan.spec.version) == set()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Memory follows verified sizes only
+
+
+def test_a_json_size_claim_is_checked_against_the_file(tmp_path: Path) -> None:
+    root = tmp_path / "coco"
+    _coco(root, "train", [(1, "a.jpg"), (2, "b.jpg"), (3, "c.jpg")],
+          claimed={2: (20000, 20000)})
+    plan = ingest.plan_ingest([make_reader("coco", root, "train")], "d", size=16)
+    # Checked before anything is allocated: the layout follows the files, not the claim.
+    assert (plan.spec.max_height, plan.spec.max_width) == (20, 30)
+    url = str(tmp_path / "s.zarr")
+    _, summary = _ingest([make_reader("coco", root, "train")], url)
+    assert (summary["ingested"], summary["quarantined"]) == (2, 1)
+    ds = store.open_dataset(url, "d")
+    assert ds.group["original_masks"].shape == (3, 20, 30)
+    assert ds.quarantine.at[0, "reason"] == "image 30x20 != annotated size 20000x20000"
+
+
+def test_images_over_the_pixel_limit_are_quarantined(tmp_path: Path) -> None:
+    root = tmp_path / "coco"
+    _coco(root, "train", [(1, "a.jpg"), (2, "b.jpg")])
+    big = _coco(tmp_path / "big", "train", [(3, "huge.jpg")], size=(60, 80))
+    (root / "train" / "huge.jpg").write_bytes((big / "train" / "huge.jpg").read_bytes())
+    data = json.loads((root / "annotations" / "instances_train.json").read_text())
+    data["images"].append({"id": 3, "file_name": "huge.jpg", "height": 60, "width": 80})
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(data))
+    readers = [make_reader("coco", root, "train")]
+    plan = ingest.plan_ingest(readers, "d", size=16, max_pixels=1000)
+    assert (plan.spec.max_height, plan.spec.max_width) == (20, 30)
+    assert plan.spec.params["max_pixels"] == 1000
+    url = str(tmp_path / "s.zarr")
+    _, summary = _ingest(readers, url, max_pixels=1000)
+    assert (summary["ingested"], summary["quarantined"]) == (2, 1)
+    reason = store.open_dataset(url, "d").quarantine.at[0, "reason"]
+    assert reason == "image 80x60 has 4,800 pixels, over the limit of 1,000 (max_pixels)"
