@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import dask
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
-from flows.runtime import task_runner
-from flows.train import train_point_task
+from flows.runtime import artifact_key, task_runner
+from flows.train import describe, train_point_task
 from tasks import report
 from tasks.ablation import study_from_dict
 from tasks.tracking import Tracker, ensure_experiment
@@ -39,11 +39,14 @@ def _parent_tracker(name: str, experiment: str) -> Tracker:
 SUMMARY_TABLE = "summary/summary_table.json"
 
 
-@flow(name="ablation")
+@flow(name="ablation", flow_run_name="ablation {study[study]}")
 def ablation_flow(study: dict[str, Any], overrides: list[str] | None = None,
                   out_dir: str = "reports", progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a study; returns its summary table and what was trained or skipped."""
+    logger = get_run_logger()
     spec = study_from_dict(study, overrides)
+    logger.info("study %s: %d points, MLflow experiment %r", spec.name, len(spec.points),
+                spec.experiment)
     ensure_experiment(spec.experiment)  # once, before workers touch the tracking DB
     parent = _parent_tracker(spec.name, spec.experiment)
     parent.log_params({"study": spec.name, "points": len(spec.points)})
@@ -57,10 +60,15 @@ def ablation_flow(study: dict[str, Any], overrides: list[str] | None = None,
     for future in as_completed(futures):
         try:
             done.append(future.result())
+            logger.info(describe(done[-1]))
         except Exception as exc:  # noqa: BLE001 - one failed point must not hide the others
             failed.append(str(exc))
+            logger.error("point failed: %s", exc)
         bar.update()
     bar.close()
+    counts = {"points": len(spec.points), "trained": sum(not d.get("skipped") for d in done),
+              "skipped": sum(bool(d.get("skipped")) for d in done), "failed": len(failed)}
+    logger.info("study %s: %s", spec.name, ", ".join(f"{v} {k}" for k, v in counts.items()))
     results = report.child_results(parent.run_id)
     folder = Path(out_dir) / spec.name
     summary = report.build_summary(results, report.load_episodes(results))
@@ -69,14 +77,18 @@ def ablation_flow(study: dict[str, Any], overrides: list[str] | None = None,
     _log_summary(parent, summary, paths)
     table = report.table_markdown(summary.table)
     markdown = report.to_markdown(summary)
-    create_markdown_artifact(markdown=f"# Ablation {spec.name}\n\n{markdown}",
-                             description=f"label-budget ablation {spec.name}")
-    create_table_artifact(table=_records(summary.table),
+    runs = (f"{counts['points']} points: {counts['trained']} trained, {counts['skipped']} "
+            f"skipped (already done, read back), {counts['failed']} failed")
+    create_markdown_artifact(key=artifact_key("ablation", spec.name),
+                             markdown=f"# Ablation {spec.name}\n\n{runs}\n\n{markdown}",
+                             description=f"label-budget ablation {spec.name}: {runs}")
+    create_table_artifact(key=artifact_key("ablation", spec.name, "table"),
+                          table=_records(summary.table),
                           description=f"label-budget ablation {spec.name}")
     parent.finish("FAILED" if failed else "FINISHED")
     return {"parent_run_id": parent.run_id, "experiment": spec.experiment,
-            "points": len(spec.points), "trained": sum(not d.get("skipped") for d in done),
-            "skipped": sum(bool(d.get("skipped")) for d in done), "failed": failed,
+            "points": counts["points"], "trained": counts["trained"],
+            "skipped": counts["skipped"], "failed": failed,
             "table": table, "report": markdown, "files": {k: str(v) for k, v in paths.items()}}
 
 

@@ -316,9 +316,10 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Keep the terminal for progress bars and results. Set before anything imports dask or
-    # prefect (building the parser does), and inherited by the Dask worker processes.
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # Keep the terminal for progress bars and results: Prefect prints warnings and errors only,
+    # while run logs (get_run_logger, INFO) still reach the API and the UI. Set before anything
+    # imports dask or prefect (building the parser does), and inherited by the Dask workers.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

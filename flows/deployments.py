@@ -38,8 +38,29 @@ POOLS: dict[str, str] = {
 
 
 # --- wrapper flows (entrypoints of prefect.yaml) -------------------------------------------
+# Every deployment is `fss-<stage>/<dataset>` (scheduled ones: `nightly-<dataset>`), and each
+# flow run is named by what it works on: `ingest synth`, `ablation synthetic-budget`.
 
-@flow(name="fss-ingest")
+def _train_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"train {Path(flow_run.parameters['config_path']).stem}"
+
+
+def _study_run_name() -> str:
+    """`ablation <study>`, the study named in the file (its file name when unreadable)."""
+    import yaml
+    from prefect.runtime import flow_run
+
+    path = Path(flow_run.parameters["config_path"])
+    try:
+        name = (yaml.safe_load(path.read_text()) or {}).get("study") or path.stem
+    except (OSError, yaml.YAMLError):
+        name = path.stem
+    return f"ablation {name}"
+
+
+@flow(name="fss-ingest", flow_run_name="ingest {name}")
 def ingest_deployment(source: str = "voc", root: str = "data/synth/voc",
                       store_url: str = "data/store.zarr", name: str = "synth",
                       splits: list[str] | None = None, size: int = 144, shard_size: int = 64,
@@ -54,7 +75,7 @@ def ingest_deployment(source: str = "voc", root: str = "data/synth/voc",
                       classes_file=classes_file, list_file=list_file, progress=False)
 
 
-@flow(name="fss-features")
+@flow(name="fss-features", flow_run_name="features {name}")
 def features_deployment(store_url: str = "data/store.zarr", name: str = "synth",
                         embedder: dict[str, Any] | None = None, version: str | None = None,
                         batch_size: int = 16, gpu: bool = False, workers: int = 2,
@@ -68,7 +89,7 @@ def features_deployment(store_url: str = "data/store.zarr", name: str = "synth",
                         batch_size=batch_size, progress=False)
 
 
-@flow(name="fss-pseudo")
+@flow(name="fss-pseudo", flow_run_name="pseudo masks {name}")
 def pseudo_deployment(store_url: str = "data/store.zarr", name: str = "synth",
                       features_key: str | None = None, embedder: dict[str, Any] | None = None,
                       version: str | None = None, k: int = 30, seed: int = 0,
@@ -86,7 +107,19 @@ def pseudo_deployment(store_url: str = "data/store.zarr", name: str = "synth",
                       experiment=experiment, progress=False)
 
 
-@flow(name="fss-train")
+@flow(name="fss-pretrain", flow_run_name="pretrain {dataset}")
+def pretrain_deployment(store_url: str = "data/store.zarr", dataset: str = "synth",
+                        out_dir: str = "runs/pretrain/synth", steps: int = 300,
+                        batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
+                        image_size: int | None = None) -> dict[str, Any]:
+    """Self-supervised dense pretraining of the backbone on a dataset's unlabelled images."""
+    from flows.pretrain import pretrain_flow
+
+    return pretrain_flow(store_url, dataset, out_dir, steps=steps, batch_size=batch_size, lr=lr,
+                         seed=seed, image_size=image_size, progress=False)
+
+
+@flow(name="fss-train", flow_run_name=_train_run_name)
 def train_deployment(config_path: str = "configs/synthetic.yaml",
                      overrides: list[str] | None = None) -> dict[str, Any]:
     """Train and evaluate one config file (`--set`-style `key=value` overrides)."""
@@ -97,7 +130,7 @@ def train_deployment(config_path: str = "configs/synthetic.yaml",
     return train_flow(cfg.to_dict(), progress=False)
 
 
-@flow(name="fss-ablation")
+@flow(name="fss-ablation", flow_run_name=_study_run_name)
 def ablation_deployment(config_path: str = "configs/ablation-synthetic.yaml",
                         overrides: list[str] | None = None, out_dir: str = "reports",
                         workers: int = 1, dask_address: str | None = None) -> dict[str, Any]:
@@ -195,9 +228,14 @@ def deployment_names(api_url: str) -> dict[str, dict[str, Any]]:
             crons = [{"cron": getattr(s.schedule, "cron", None),
                       "timezone": getattr(s.schedule, "timezone", None), "active": s.active}
                      for s in d.schedules]
+            limit = d.global_concurrency_limit
+            strategy = getattr(d.concurrency_options, "collision_strategy", None)
             out[f"{flows[d.flow_id]}/{d.name}"] = {
                 "id": str(d.id), "work_pool": d.work_pool_name, "schedules": crons,
-                "parameters": d.parameters, "pull_steps": d.pull_steps}
+                "parameters": d.parameters, "pull_steps": d.pull_steps,
+                "concurrency": None if limit is None else {
+                    "limit": limit.limit, "active": limit.active,
+                    "collision_strategy": getattr(strategy, "value", strategy)}}
     return out
 
 
@@ -220,7 +258,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     print(f"{len(deployments)} deployments ({time.perf_counter() - t0:.0f} s):")
     for name, d in sorted(deployments.items()):
         when = ", ".join(f"cron '{s['cron']}' {s['timezone']}" for s in d["schedules"]) or "-"
-        print(f"  {name:<36} pool {d['work_pool']:<8} schedule {when}")
+        limit = d["concurrency"]
+        at_once = (f"; at most {limit['limit']} at once ({limit['collision_strategy']})"
+                   if limit else "")
+        print(f"  {name:<36} pool {d['work_pool']:<8} schedule {when}{at_once}")
     if not args.worker:
         print("start workers: fss deploy --worker fss-cpu (on GPU hosts: --worker fss-gpu), or "
               f"`prefect worker start --pool POOL` with {PROJECT_DIR_ENV}={PROJECT_DIR} exported")

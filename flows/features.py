@@ -20,13 +20,14 @@ from flows.runtime import task_runner
 from tasks import features, store
 
 
-@task(name="features-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="features-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      task_run_name="features {name} shard {shard}")
 def extract_shard_task(store_url: str, name: str, version: str, key: str, shard: int,
                        spec: dict[str, Any], batch_size: int) -> features.ShardReport:
     return features.extract_shard(store_url, name, version, key, shard, spec, batch_size)
 
 
-@flow(name="features")
+@flow(name="features", flow_run_name="features {name}")
 def features_flow(store_url: str, name: str, embedder: dict[str, Any],
                   version: str | None = None, batch_size: int = features.DEFAULT_BATCH,
                   gpu: bool = False, progress: bool = True) -> dict[str, Any]:

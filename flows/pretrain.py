@@ -12,12 +12,14 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.runtime import artifact_key
 from tasks.pretrain import SUMMARY_FILE, pretrain
 
 
 # One coarse task: the whole training run. It picks the GPU when the worker has one; the output
 # folder records completion, so Prefect's input caching is not needed.
-@task(name="pretrain-dense-ssl", cache_policy=NO_CACHE)
+@task(name="pretrain-dense-ssl", cache_policy=NO_CACHE,
+      task_run_name="pretrain {dataset} ({options[steps]} steps)")
 def pretrain_task(store_url: str, dataset: str, out_dir: str, options: dict[str, Any],
                   progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -30,7 +32,7 @@ def pretrain_task(store_url: str, dataset: str, out_dir: str, options: dict[str,
             "seconds": time.perf_counter() - t0}
 
 
-@flow(name="pretrain")
+@flow(name="pretrain", flow_run_name="pretrain {dataset}")
 def pretrain_flow(store_url: str, dataset: str, out_dir: str, steps: int = 300,
                   batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
                   image_size: int | None = None, progress: bool = True) -> dict[str, Any]:
@@ -44,6 +46,7 @@ def pretrain_flow(store_url: str, dataset: str, out_dir: str, steps: int = 300,
     result = pretrain_task(store_url, dataset, str(Path(out_dir).resolve()), options,
                            progress=progress)
     create_markdown_artifact(
+        key=artifact_key("pretrain", dataset),
         markdown=(f"# dense SSL pretraining of {dataset}\n\n"
                   f"backbone `{result['backbone']}`; loss {result['loss_start']:.3f} → "
                   f"{result['loss_end']:.3f} over {result['steps']} steps"),

@@ -25,7 +25,7 @@ from tasks import clustering, store
 DEFAULT_REPORT_DIR = "reports"
 
 
-@task(name="kmeans", cache_policy=NO_CACHE)
+@task(name="kmeans", cache_policy=NO_CACHE, task_run_name="k-means {name}")
 def kmeans_task(store_url: str, name: str, version: str, features_key: str,
                 config: dict[str, Any]) -> clustering.KMeansResult:
     """Drives k-means from one Dask worker: sampling and Lloyd steps go out as plain Dask tasks
@@ -39,13 +39,14 @@ def kmeans_task(store_url: str, name: str, version: str, features_key: str,
         return clustering.fit_kmeans(store_url, name, version, features_key, cfg, client=client)
 
 
-@task(name="pseudo-assign-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="pseudo-assign-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      task_run_name="pseudo masks {name} shard {shard}")
 def assign_shard_task(store_url: str, name: str, version: str, key: str,
                       shard: int) -> clustering.ShardReport:
     return clustering.assign_shard(store_url, name, version, key, shard)
 
 
-@task(name="cluster-report", cache_policy=NO_CACHE)
+@task(name="cluster-report", cache_policy=NO_CACHE, task_run_name="cluster report {name}")
 def report_task(store_url: str, name: str, version: str, key: str) -> dict[str, Any] | None:
     try:
         return clustering.cluster_report(store_url, name, version, key)
@@ -53,7 +54,7 @@ def report_task(store_url: str, name: str, version: str, key: str) -> dict[str, 
         return None
 
 
-@flow(name="pseudo")
+@flow(name="pseudo", flow_run_name="pseudo masks {name} k={k}")
 def pseudo_flow(store_url: str, name: str, features_key: str, version: str | None = None,
                 k: int = 30, seed: int = 0, sample_size: int = 100_000, iters: int = 50,
                 fit_splits: list[str] | None = None, superpixels: dict[str, Any] | None = None,

@@ -171,6 +171,14 @@ def _drain_prefect_workers() -> None:
     EventsWorker.drain_all(timeout=10)
 
 
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes only): `ablation-demo-umt`.
+    Artifacts with a key are listed on the Artifacts page, and a rerun adds a version."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+
+
 def task_runner(workers: int = 2, dask_address: str | None = None):  # -> DaskTaskRunner
     """A Dask task runner: an existing scheduler when an address is given, else a LocalCluster.
 

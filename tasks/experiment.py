@@ -32,8 +32,27 @@ from tasks.training import (
 RESULT = "result.json"
 
 
+def budget_str(budget: float) -> str:
+    """The one spelling of a budget, in tags, params and tables: 0.2, 0.05, 1, 0."""
+    return repr(float(budget)).removesuffix(".0")
+
+
+def point_label(cfg: TrainConfig) -> str:
+    """A point in words, for run names: `umt 20% seed 1`, plus the fold, ways and shots and the
+    budget draw where they are not the defaults (`panet 5% fold 2 1w5s seed 0 draw 3`)."""
+    parts = [cfg.model, f"{100 * cfg.budget:g}%"]
+    if cfg.fold:
+        parts.append(f"fold {cfg.fold}")
+    if (cfg.ways, cfg.shots) != (1, 1):
+        parts.append(f"{cfg.ways}w{cfg.shots}s")
+    parts.append(f"seed {cfg.seed}")
+    if cfg.budget_seed != cfg.seed:
+        parts.append(f"draw {cfg.budget_seed}")
+    return " ".join(parts)
+
+
 def point_tags(cfg: TrainConfig) -> dict[str, str]:
-    return {"model": cfg.model, "budget": f"{cfg.budget:g}", "fold": str(cfg.fold),
+    return {"model": cfg.model, "budget": budget_str(cfg.budget), "fold": str(cfg.fold),
             "shots": str(cfg.shots), "ways": str(cfg.ways), "seed": str(cfg.seed),
             "budget_seed": str(cfg.budget_seed)}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from flows.deployments import (
 )
 from flows.runtime import prefect_api, stop_process
 
-GPU_FLOWS = {"pretrain", "fss-train", "fss-ablation"}  # training: the GPU pool
+GPU_FLOWS = {"fss-pretrain", "fss-train", "fss-ablation"}  # training: the GPU pool
 
 
 def _declared() -> dict[str, dict[str, Any]]:
@@ -68,7 +69,7 @@ def test_every_deployment_is_accepted_with_pool_schedule_and_pull_step(
 
     declared = _declared()
     assert set(declared) <= set(deployed), f"not deployed: {set(declared) - set(deployed)}"
-    assert {"fss-ingest", "fss-features", "fss-pseudo", "pretrain", "fss-train",
+    assert {"fss-ingest", "fss-features", "fss-pseudo", "fss-pretrain", "fss-train",
             "fss-ablation"} <= {name.split("/")[0] for name in declared}
     for name, d in declared.items():
         got = deployed[name]
@@ -80,6 +81,15 @@ def test_every_deployment_is_accepted_with_pool_schedule_and_pull_step(
             "directory": "{{ $FSS_PROJECT_DIR }}"}}], name
     nightly = deployed["fss-ablation/nightly-synthetic"]
     assert nightly["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
+    # Two runs of the study never overlap: the server holds a limit of one, new runs cancelled.
+    assert nightly["concurrency"] == {"limit": 1, "active": True,
+                                      "collision_strategy": "CANCEL_NEW"}
+    # One naming scheme: fss-<stage>/<dataset>, scheduled ones fss-<stage>/nightly-<dataset>.
+    for name in declared:
+        flow_name, deployment = name.split("/")
+        assert re.fullmatch(r"fss-[a-z]+", flow_name), name
+        assert re.fullmatch(r"(nightly-)?synthetic", deployment), name
+        assert deployment.startswith("nightly-") == bool(declared[name].get("schedules")), name
     assert all(not d["schedules"] for n, d in deployed.items() if n.split("/")[0] != "fss-ablation")
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}), \
             get_client(sync_client=True) as client:
