@@ -98,8 +98,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def print_point(result: dict[str, Any]) -> None:
     state = "already done, read back" if result.get("skipped") else "trained"
     print(f"{result['run_name']} ({state}); MLflow run {result['run_id']}")
-    print(f"  best validation mIoU (base classes) {result['val_miou']:.3f} "
-          f"at step {result['best_step']}")
+    val = result.get("val_miou")
+    if val is None:  # too few held-out labelled images to select: the last checkpoint is kept
+        print(f"  {result.get('selection', 'last checkpoint')}")
+    else:
+        print(f"  best validation mIoU (base classes) {val:.3f} at step {result['best_step']}")
     for key, value in result.items():
         if key.startswith("test") and key.endswith("miou"):
             fb = result[key.replace("miou", "fbiou")]
@@ -163,15 +166,27 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     print(out["report"])
     print(f"table and plot: {Path(out['files']['markdown']).parent}; parent MLflow run "
           f"{out['parent_run_id']} in experiment {out['experiment']!r}")
-    print(ui_hint())
+    print(ui_hint(out["experiment"]))
     return 1 if out["failed"] else 0
 
 
-def ui_hint() -> str:
-    from tasks.tracking import tracking_uri
+def ui_hint(experiment: str | None = None) -> str:
+    """How to open the experiment's runs table (not the root: MLflow 3.17 shows GenAI there)."""
+    from flows.ui import DEFAULT_PORT
+    from tasks.tracking import runs_url, tracking_uri
 
-    return (f"compare runs in the MLflow UI: fss ui --backend-store-uri {tracking_uri()}\n"
-            "  then open http://127.0.0.1:5000")
+    uri = tracking_uri()
+    server = uri if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{DEFAULT_PORT}"
+    page = server
+    if experiment:
+        from mlflow.tracking import MlflowClient
+
+        exp = MlflowClient(uri).get_experiment_by_name(experiment)
+        page = runs_url(server, exp.experiment_id) if exp is not None else server
+    if server == uri:
+        return f"compare runs in the MLflow UI: {page}"
+    return (f"compare runs in the MLflow UI: fss ui --backend-store-uri {uri}\n"
+            f"  then open {page}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

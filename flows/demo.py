@@ -114,7 +114,7 @@ def run_demo(workdir: Path, *, quick: bool = False, workers: int = 2) -> int:
               "start).")
     print(f"\nplot and tables: {Path(result['files']['plot']).parent}")
     print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min")
-    print(ui_hint())
+    print(ui_hint(result["experiment"]))
     return 1 if result["failed"] or not ingest["complete"] else 0
 
 

@@ -75,6 +75,16 @@ def start_mlflow_ui(uri: str | None = None, port: int | None = DEFAULT_PORT, *,
         raise
 
 
+def experiment_pages(uri: str, ui_url: str) -> dict[str, str]:
+    """Experiment name -> its runs table in the UI (MLflow 3.17's root shows GenAI traces)."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import runs_url
+
+    return {e.name: runs_url(ui_url, e.experiment_id)
+            for e in MlflowClient(uri).search_experiments() if e.name != "Default"}
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """Serve the MLflow UI until Ctrl-C."""
     from tasks.tracking import tracking_uri
@@ -87,6 +97,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     proc, url = start_mlflow_ui(uri, args.port)
     print(f"MLflow UI at {url}  (tracking {uri}); Ctrl-C stops it")
+    for name, page in experiment_pages(uri, url).items():
+        print(f"  runs of {name}: {page}")
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -8,7 +8,9 @@ checkpoint (and continues the same MLflow run).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import yaml
 from filelock import FileLock
 
 from tasks.config import TrainConfig, config_digest
+from tasks.episodes import label_budget
 from tasks.overlays import render_grid
 from tasks.store import Dataset, open_dataset
 from tasks.tracking import Tracker, code_version
@@ -93,8 +96,10 @@ def _run_point_locked(cfg: TrainConfig, ds: Dataset, name: str, run_dir: Path,
     write_json(state_file, {"run_id": tracker.run_id})
     try:
         tracker.log_params(_flat(cfg.to_dict()) | {
+            "budget": budget_str(cfg.budget),  # as in the tag: one spelling
             "data.name": ds.name, "data.version": ds.version,
             "data.fingerprint": ds.fingerprint, "code.version": code_version()})
+        tracker.client.log_inputs(tracker.run_id, datasets=data_inputs(cfg, ds))
         (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": cfg.to_dict()}))
         if cfg.budget > 0 or cfg.pseudo:
             fit = train(cfg, run_dir, on_metrics=tracker.log_metrics,
@@ -127,12 +132,56 @@ def _run_point_locked(cfg: TrainConfig, ds: Dataset, name: str, run_dir: Path,
         for folder in sorted((run_dir / "eval").iterdir()):
             for f in sorted(folder.iterdir()):
                 tracker.log_artifact(f, f"eval/{folder.name}")
-        write_json(run_dir / RESULT, summary)
+        write_json(run_dir / RESULT, json_safe(summary))
         tracker.finish()
         return summary
     except BaseException:
         tracker.finish("FAILED")
         raise
+
+
+def subset_digest(ds: Dataset, ids: list[str]) -> str:
+    """16 hex digits naming a set of images of one dataset version (order does not matter)."""
+    blob = json.dumps({"dataset": ds.name, "version": ds.version, "ids": sorted(ids)})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def data_inputs(cfg: TrainConfig, ds: Dataset) -> list[Any]:
+    """A point's MLflow dataset inputs: the labelled training subset its budget draws (context
+    `train`: the only masks it may read) and its test split (context `test`), each with the
+    store URL and dataset version as the source and a digest of its image ids."""
+    from mlflow.entities import Dataset as MlflowDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    store = cfg.store if "://" in cfg.store else str(Path(cfg.store).resolve())
+    source = json.dumps({"uri": store, "dataset": ds.name, "version": ds.version,
+                         "fingerprint": ds.fingerprint})
+    train_ids = ds.split_ids("train")
+    labelled = label_budget(train_ids, cfg.budget, cfg.budget_seed)
+    test_ids = ds.split_ids(cfg.test_split)
+    subsets = [
+        ("train", f"{ds.name} {ds.version} labelled {100 * cfg.budget:g}%", labelled,
+         {"budget": budget_str(cfg.budget), "budget_seed": cfg.budget_seed,
+          "labelled_images": len(labelled), "train_images": len(train_ids)}),
+        ("test", f"{ds.name} {ds.version} {cfg.test_split}", test_ids,
+         {"images": len(test_ids)}),
+    ]
+    return [DatasetInput(
+        dataset=MlflowDataset(name=name, digest=subset_digest(ds, ids), source_type="zarr",
+                              source=source, profile=json.dumps(profile)),
+        tags=[InputTag("mlflow.data.context", context)])
+        for context, name, ids, profile in subsets]
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities as None, so that it is valid JSON (null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def write_eval_artifacts(folder: Path, r: EvalResult, class_names: list[str]) -> None:

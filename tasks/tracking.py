@@ -72,19 +72,44 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
         return client.create_experiment(name, artifact_location=location)
 
 
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str | None:
+    """The commit checked out in the project (None outside a git checkout, e.g. the image)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True,
+                              text=True, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def code_version() -> str:
     """The git commit of the code (with `-dirty` for local changes), or the package version."""
-    try:
-        root = Path(__file__).resolve().parents[1]
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
+    sha = git_commit()
+    if sha is None:
         from importlib.metadata import version
 
         return version("fewshot-budget")
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=PROJECT_DIR, capture_output=True, text=True).stdout.strip()
+    return sha + ("-dirty" if dirty else "")
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's own source tags (the runs table's Source column): the project and its commit."""
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": str(PROJECT_DIR)}
+    sha = git_commit()
+    if sha:
+        tags["mlflow.source.git.commit"] = sha
+    return tags
+
+
+def runs_url(ui_url: str, experiment_id: str) -> str:
+    """The experiment's runs table in the MLflow UI. MLflow 3.17 opens the GenAI overview at the
+    root and on a bare experiment page; the classic runs table needs the workflow type."""
+    return (f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            "?workflowType=machine_learning")
 
 
 class Tracker:
@@ -99,7 +124,7 @@ class Tracker:
         self.uri = tracking_uri()
         self.client = MlflowClient(self.uri)
         self.experiment_id = ensure_experiment(experiment, self.uri)
-        all_tags = dict(tags or {})
+        all_tags = source_tags() | dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         if run_id is None:

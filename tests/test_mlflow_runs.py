@@ -1,0 +1,99 @@
+"""What a user finds in MLflow for a point: the runs page, the commit, the dataset inputs, one
+spelling of the budget, and result files that are valid JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tasks.config import TrainConfig
+from tasks.tracking import PROJECT_DIR, Tracker, runs_url, source_tags
+
+
+def _strict_json(text: str) -> object:
+    """json.loads that refuses NaN and Infinity (which JSON does not have)."""
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_runs_url_commit_tag_and_ui_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.cli import ui_hint
+
+    assert runs_url("http://127.0.0.1:5000/", "7") == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True,
+                          text=True).stdout.strip()
+    assert source_tags()["mlflow.source.git.commit"] == head
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracker = Tracker("hinted", run_name="r")
+    run = tracker.client.get_run(tracker.run_id)
+    assert run.data.tags["mlflow.source.git.commit"] == head
+    assert run.data.tags["mlflow.source.name"] == str(PROJECT_DIR)
+    hint = ui_hint("hinted")
+    assert f"fss ui --backend-store-uri {uri}" in hint
+    assert hint.endswith(runs_url("http://127.0.0.1:5000", tracker.experiment_id))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert ui_hint() == "compare runs in the MLflow UI: http://mlflow.example:5000"
+
+
+def test_json_safe_writes_null_for_nan() -> None:
+    from tasks.experiment import json_safe
+
+    value = json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": "x", "d": None})
+    assert _strict_json(json.dumps(value)) == {"a": None, "b": [1.0, None], "c": "x", "d": None}
+
+
+@pytest.mark.slow
+def test_point_logs_its_data_commit_one_budget_spelling_and_valid_json(
+        tiny_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from tasks.episodes import label_budget
+    from tasks.experiment import RESULT, run_point, subset_digest
+    from tasks.store import open_dataset
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    client = MlflowClient(uri)
+    ds = open_dataset(tiny_store, "synth")
+    head = source_tags()["mlflow.source.git.commit"]
+    for budget, spelled in [(0.25, "0.25"), (1.0, "1")]:
+        cfg = TrainConfig(model="panet", store=tiny_store, dataset="synth", budget=budget,
+                          steps=2, batch_size=2, checkpoint_every=2, val_every=2,
+                          val_episodes=2, test_episodes=4, test_shots=[1], min_pixels=64,
+                          experiment="inputs", out_dir=str(tmp_path / "runs"))
+        result = run_point(cfg, progress=False)
+        run = client.get_run(result["run_id"])
+        # One spelling of the budget: tag, param and the dataset profile agree.
+        assert run.data.tags["budget"] == run.data.params["budget"] == spelled
+        assert run.data.tags["mlflow.source.git.commit"] == head
+
+        inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+        assert set(inputs) == {"train", "test"}
+        labelled = label_budget(ds.split_ids("train"), cfg.budget, cfg.budget_seed)
+        train = inputs["train"]
+        assert train.digest == subset_digest(ds, labelled) and train.source_type == "zarr"
+        source = json.loads(train.source)
+        assert source["uri"] == str(Path(tiny_store).resolve())
+        assert (source["dataset"], source["version"]) == (ds.name, ds.version)
+        profile = json.loads(train.profile)
+        assert profile["budget"] == spelled
+        assert profile["labelled_images"] == run.data.metrics["labels/images"] == len(labelled)
+        assert inputs["test"].digest == subset_digest(ds, ds.split_ids("val"))
+
+        saved = _strict_json((tmp_path / "runs" / result["run_name"] / RESULT).read_text())
+        assert saved["run_id"] == result["run_id"]
+        if budget == 0.25:  # 2 held-out images form no episode: nothing selects, no val mIoU
+            assert saved["val_miou"] is None and "last checkpoint" in saved["selection"]
+    # Points of one draw are nested, so different budgets have different training subsets.
+    runs = client.search_runs([run.info.experiment_id])
+    digests = {i.dataset.digest for r in runs for i in r.inputs.dataset_inputs}
+    assert len(runs) == 2 and len(digests) == 3  # two labelled subsets, one test split
