@@ -22,6 +22,7 @@ from flows.runtime import artifact_key, task_runner
 from flows.train import describe, train_point_task
 from tasks import report
 from tasks.ablation import study_from_dict
+from tasks.experiment import register_study_models
 from tasks.tracking import Tracker, ensure_experiment
 
 
@@ -75,6 +76,10 @@ def ablation_flow(study: dict[str, Any], overrides: list[str] | None = None,
     paths = report.write_summary(summary, results, folder,
                                  title=f"{spec.name}: mIoU vs labelled images")
     _log_summary(parent, summary, paths)
+    registered = register_study_models(results, spec.name)
+    for model, r in registered.items():
+        logger.info("%s: registered %s version %s, alias %r (run %s)", model, r["name"],
+                    r["version"], r["alias"], r["run_id"])
     table = report.table_markdown(summary.table)
     markdown = report.to_markdown(summary)
     runs = (f"{counts['points']} points: {counts['trained']} trained, {counts['skipped']} "
@@ -88,7 +93,7 @@ def ablation_flow(study: dict[str, Any], overrides: list[str] | None = None,
     parent.finish("FAILED" if failed else "FINISHED")
     return {"parent_run_id": parent.run_id, "experiment": spec.experiment,
             "points": counts["points"], "trained": counts["trained"],
-            "skipped": counts["skipped"], "failed": failed,
+            "skipped": counts["skipped"], "failed": failed, "registered": registered,
             "table": table, "report": markdown, "files": {k: str(v) for k, v in paths.items()}}
 
 

@@ -166,6 +166,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     print(out["report"])
     print(f"table and plot: {Path(out['files']['markdown']).parent}; parent MLflow run "
           f"{out['parent_run_id']} in experiment {out['experiment']!r}")
+    for r in out.get("registered", {}).values():
+        print(f"registered model: models:/{r['name']}@{r['alias']} (version {r['version']})")
     print(ui_hint(out["experiment"]))
     return 1 if out["failed"] else 0
 

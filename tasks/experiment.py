@@ -33,6 +33,10 @@ from tasks.training import (
 )
 
 RESULT = "result.json"
+MODEL_INPUTS = ("model(support_img, support_mask, query_img, n_ways) -> logits (B, n_ways + 1, "
+                "H, W): support_img (B, S, 3, H, W) and query_img (B, 3, H, W) float32 "
+                "normalised with the ImageNet mean/std, support_mask (B, S, H, W) int64 "
+                "episode labels (255 ignored); tasks.episodes.batch_to_tensors builds them")
 
 
 def budget_str(budget: float) -> str:
@@ -126,9 +130,14 @@ def _run_point_locked(cfg: TrainConfig, ds: Dataset, name: str, run_dir: Path,
         tracker.set_tags({"test.classes": ",".join(own.per_class),
                           "test.dropped_classes": ",".join(own.dropped),
                           "selection": fit.selection})
-        tracker.log_metrics({"best_step": fit.best_step, "train/seconds": fit.seconds} | labels)
+        best_val = {"val/best_miou": fit.best_val_miou} if math.isfinite(fit.best_val_miou) else {}
+        tracker.log_metrics({"best_step": fit.best_step, "train/seconds": fit.seconds} | labels
+                            | best_val)
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(best, "checkpoints")
+        summary["model_uri"] = tracker.log_model(model.cpu(), metadata={
+            "point": point_label(cfg), "inputs": MODEL_INPUTS, "n_ways": cfg.ways,
+            "image_size": ds.size, "classes": ds.classes})
         for folder in sorted((run_dir / "eval").iterdir()):
             for f in sorted(folder.iterdir()):
                 tracker.log_artifact(f, f"eval/{folder.name}")
@@ -209,4 +218,44 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out |= _flat(v, f"{prefix}{k}.")
         else:
             out[f"{prefix}{k}"] = v
+    return out
+
+
+def registered_name(model: str) -> str:
+    """The registry entry of a model family; each study points an alias at its version."""
+    return f"fss-{model}"
+
+
+def register_study_models(results: Any, study: str) -> dict[str, dict[str, str]]:
+    """Register one trained point per model of a study, under `fss-<model>` with the study as
+    its alias: the largest budget, and of its seeds the one with the best mIoU on its held-out
+    labelled images (`val/best_miou`; the test fold never chooses). `results` are the study's
+    finished points (tasks.report.child_results). Points logged without a model are passed
+    over. Returns model -> name, alias, version, run id."""
+    import re
+
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import MODEL_URI_TAG, register_model, tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    alias = re.sub(r"[^\w-]+", "-", study).strip("-") or "study"
+    if re.fullmatch(r"[vV]\d+|latest", alias, flags=re.IGNORECASE):
+        alias = f"study-{alias}"  # reserved alias names
+    out: dict[str, dict[str, str]] = {}
+    for model, group in results.groupby("model"):
+        top = group[group["budget"].astype(float) == group["budget"].astype(float).max()]
+        candidates = []
+        for run_id in top["run_id"]:
+            run = client.get_run(run_id)
+            if MODEL_URI_TAG in run.data.tags:
+                score = run.data.metrics.get("val/best_miou", -math.inf)
+                candidates.append((-score, int(run.data.tags.get("seed", 0)), run))
+        if not candidates:
+            continue
+        run = min(candidates, key=lambda c: c[:2])[2]
+        name = registered_name(str(model))
+        version = register_model(run.data.tags[MODEL_URI_TAG], name, alias, run.info.run_id)
+        out[str(model)] = {"name": name, "alias": alias, "version": version,
+                           "run_id": run.info.run_id}
     return out

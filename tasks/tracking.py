@@ -21,6 +21,7 @@ from filelock import FileLock
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
+MODEL_URI_TAG = "fss.model_uri"
 
 
 def tracking_uri() -> str:
@@ -164,6 +165,57 @@ class Tracker:
         self.flush()
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_model(self, model: Any, name: str = "model",
+                  metadata: Mapping[str, Any] | None = None) -> str:
+        """`model` as an MLflow PyTorch model of this run; returns its `models:/` URI, also kept
+        in the run's `fss.model_uri` tag. Pickled with the `models/` code beside it: our models
+        take an episode (several tensors and `n_ways`), which the default torch.export format
+        cannot take from one input example (DESIGN.md). Load with mlflow.pytorch.load_model."""
+        import logging
+
+        import mlflow
+        import torch
+
+        self.flush()
+        mlflow.set_tracking_uri(self.uri)
+        warn = logging.getLogger("mlflow.pytorch")  # "pickle can run code": we know, it is ours
+        level = warn.level
+        warn.setLevel(logging.ERROR)
+        try:
+            info = mlflow.pytorch.log_model(
+                model, name=name, run_id=self.run_id, serialization_format="pickle",
+                code_paths=[str(PROJECT_DIR / "models")], metadata=dict(metadata or {}),
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"])
+        finally:
+            warn.setLevel(level)
+        self.set_tags({MODEL_URI_TAG: info.model_uri})
+        return info.model_uri
+
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()
         self.client.set_terminated(self.run_id, status=status)
+
+
+def register_model(model_uri: str, name: str, alias: str, run_id: str | None = None) -> str:
+    """Register a logged model under `name` and point `alias` at it; returns the version. A
+    rerun that chooses the same model keeps the version the alias already names."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+        if current.source == model_uri:
+            return str(current.version)
+    except MlflowException:
+        pass  # no such model or alias yet
+    try:
+        client.create_registered_model(name, description="fss: few-shot segmentation models; "
+                                                          "one alias per label-budget study")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, source=model_uri, run_id=run_id,
+                                          model_id=model_uri.removeprefix("models:/"))
+    client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)

@@ -97,3 +97,31 @@ def test_point_logs_its_data_commit_one_budget_spelling_and_valid_json(
     runs = client.search_runs([run.info.experiment_id])
     digests = {i.dataset.digest for r in runs for i in r.inputs.dataset_inputs}
     assert len(runs) == 2 and len(digests) == 3  # two labelled subsets, one test split
+
+    # The best model, logged the MLflow way and registered with the study as its alias: the
+    # largest budget's point, loaded from the registry, computes what its checkpoint computes.
+    import mlflow
+    import pandas as pd
+    import torch
+
+    from tasks.experiment import register_study_models
+    from tasks.training import build_model, load_state
+
+    results = pd.DataFrame([{"model": r.data.tags["model"], "budget": r.data.tags["budget"],
+                             "seed": r.data.tags["seed"], "run_id": r.info.run_id}
+                            for r in runs])
+    registered = register_study_models(results, "my study")
+    assert registered == {"panet": {"name": "fss-panet", "alias": "my-study", "version": "1",
+                                    "run_id": result["run_id"]}}  # the 100 % point
+    assert register_study_models(results, "my study") == registered  # no new version
+    assert client.get_model_version_by_alias("fss-panet", "my-study").run_id == result["run_id"]
+    loaded = mlflow.pytorch.load_model("models:/fss-panet@my-study").eval()
+    own = build_model(cfg)
+    own.load_state_dict(load_state(tmp_path / "runs" / result["run_name"] / "checkpoints" /
+                                   "best.pt")["model"])
+    own.eval()
+    g = torch.Generator().manual_seed(0)
+    episode = (torch.randn(1, 1, 3, 64, 64, generator=g),
+               torch.randint(0, 2, (1, 1, 64, 64), generator=g), torch.randn(1, 3, 64, 64))
+    with torch.no_grad():
+        assert torch.allclose(loaded(*episode, 1), own(*episode, 1))
