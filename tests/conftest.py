@@ -24,17 +24,11 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_store(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """`synth_root` ingested at 64 px as dataset "synth" (plain functions, no Prefect)."""
-    from tasks import ingest, store
-    from tasks.readers import make_reader
+    from tasks import ingest
 
     url = str(tmp_path_factory.mktemp("tiny-store") / "s.zarr")
-    readers = [make_reader("voc", synth_root / "voc", s) for s in ("train", "val")]
-    plan = ingest.plan_ingest(readers, "synth", size=64, shard_size=32)
-    store.create_dataset(url, plan.spec)
-    for k in range(plan.spec.n_shards):
-        ingest.ingest_shard(url, "synth", plan.spec.version, k, plan.shard_items(k),
-                            plan.readers, 64)
-    store.finalize_dataset(url, "synth", plan.spec.version)
+    ingest.ingest_dataset("voc", str(synth_root / "voc"), url, "synth", splits=["train", "val"],
+                          size=64, shard_size=32)
     return url
 
 

@@ -19,7 +19,6 @@ from PIL import Image
 from tasks import ingest, store
 from tasks.config import TrainConfig
 from tasks.episodes import label_budget
-from tasks.readers import make_reader
 from tasks.synth import synthesize
 from tasks.training import load_state, train
 
@@ -28,14 +27,9 @@ CORRUPTION_SEED = 1234
 
 
 def _ingest(voc_root: Path, url: str) -> None:
-    """The project's ingest (plain functions, as in conftest's `tiny_store`)."""
-    readers = [make_reader("voc", voc_root, s) for s in ("train", "val")]
-    plan = ingest.plan_ingest(readers, "synth", size=64, shard_size=32)
-    store.create_dataset(url, plan.spec)
-    for k in range(plan.spec.n_shards):
-        ingest.ingest_shard(url, "synth", plan.spec.version, k, plan.shard_items(k),
-                            plan.readers, 64)
-    store.finalize_dataset(url, "synth", plan.spec.version)
+    """The project's ingest, in this process (as in conftest's `tiny_store`)."""
+    ingest.ingest_dataset("voc", str(voc_root), url, "synth", splits=["train", "val"], size=64,
+                          shard_size=32)
 
 
 def _corrupt_masks(voc_root: Path, ids: list[str], seed: int) -> None:
