@@ -192,11 +192,25 @@ def ui_hint(experiment: str | None = None) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.tracking_uri:  # before anything reads it
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     from tasks import report
+    from tasks.tracking import check_reachable, tracking_uri
 
+    uri = tracking_uri()
+    check_reachable(uri)
+    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if db is not None and not db.exists():  # reading would create an empty one
+        raise FileNotFoundError(f"no MLflow database at {db} (tracking URI {uri})")
     run = report.parent_run(args.experiment, args.study)
     if run is None:
-        raise ValueError(f"no ablation found in experiment {args.experiment!r}")
+        found = report.studies(args.experiment)
+        where = f"at {uri}"
+        if found is None:
+            raise ValueError(f"no experiment {args.experiment!r} {where}")
+        known = f"its studies: {', '.join(found)}" if found else "it holds no ablation"
+        what = f"study {args.study!r}" if args.study else "ablation"
+        raise ValueError(f"no {what} in experiment {args.experiment!r} {where}; {known}")
     results = report.child_results(run.info.run_id)
     name = run.data.tags.get(report.STUDY_TAG, "study")
     summary = report.build_summary(results, report.load_episodes(results))
@@ -299,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "of an ablation (also running)")
     r.add_argument("--experiment", required=True, help="MLflow experiment of the study")
     r.add_argument("--study", help="study name (default: the latest ablation)")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or "
+                                          "sqlite:///<cwd>/mlflow.db), e.g. sqlite:///demo/mlflow.db")
     r.add_argument("--out", default="reports")
     r.set_defaults(func=cmd_report)
 

@@ -61,6 +61,21 @@ def parent_run(experiment: str, study: str | None = None) -> Any | None:
     return runs[0] if runs else None
 
 
+def studies(experiment: str) -> list[str] | None:
+    """The studies with a parent run in an experiment (None when the experiment does not exist)."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], f"tags.`{KIND_TAG}` = 'ablation'",
+                              max_results=1000)
+    return sorted({r.data.tags.get(STUDY_TAG, "?") for r in runs})
+
+
 def child_results(parent_run_id: str) -> pd.DataFrame:
     """One row per finished child run: its tags, test metrics, labelled images and pixels, the
     classes scored and dropped (comma-separated, None when not recorded) and its run id."""

@@ -125,3 +125,28 @@ def test_point_logs_its_data_commit_one_budget_spelling_and_valid_json(
                torch.randint(0, 2, (1, 1, 64, 64), generator=g), torch.randn(1, 3, 64, 64))
     with torch.no_grad():
         assert torch.allclose(loaded(*episode, 1), own(*episode, 1))
+
+
+def test_report_takes_a_tracking_uri_and_names_what_is_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from flows.cli import main
+    from tasks import report
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    assert main(["report", "--experiment", "e", "--tracking-uri", f"sqlite:///{missing}"]) == 2
+    assert f"no MLflow database at {missing}" in capsys.readouterr().err
+    assert not missing.exists() and not (tmp_path / "mlflow.db").exists()  # nothing created
+
+    uri = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    Tracker("budget-exp", run_name="ablation real",
+            tags={report.KIND_TAG: "ablation", report.STUDY_TAG: "real"}).finish()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    base = ["report", "--tracking-uri", uri, "--out", str(tmp_path / "reports")]
+    assert main([*base, "--experiment", "budget-exp", "--study", "typo"]) == 2
+    err = capsys.readouterr().err
+    assert "no study 'typo' in experiment 'budget-exp'" in err and "its studies: real" in err
+    assert main([*base, "--experiment", "nope"]) == 2
+    assert f"no experiment 'nope' at {uri}" in capsys.readouterr().err
