@@ -34,8 +34,10 @@ def ingest_flow(source: str, root: str, store_url: str, name: str,
                 shard_size: int = ingest.DEFAULT_SHARD_SIZE, classes_file: str | None = None,
                 list_file: str | None = None, progress: bool = True,
                 max_pixels: int = ingest.DEFAULT_MAX_PIXELS) -> dict[str, Any]:
-    """Ingest `splits` of a VOC- or COCO-format dataset into the store as one dataset version."""
-    splits = splits or ["train", "val"]
+    """Ingest `splits` of a dataset into the store as one dataset version: VOC or COCO format
+    under `root`, or (`source="layout"`) the dataset a layout file `root` describes, whose
+    splits are the default."""
+    splits = splits or ingest.default_splits(source, root)
     readers = [make_reader(source, Path(root), s, classes_file=classes_file, list_file=list_file)
                for s in splits]
     plan = ingest.plan_ingest(readers, name, size=size, shard_size=shard_size,

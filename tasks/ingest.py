@@ -96,6 +96,7 @@ def plan_ingest(readers: Sequence[Reader], name: str, *, size: int = DEFAULT_SIZ
         params=params,
         fingerprint=fingerprint,
         source={"readers": [r.describe() for r in readers]},
+        labelled=[i.labelled for i in items],
     )
     return IngestPlan(spec=spec, items=items, readers={s: r for s, r in zip(splits, readers,
                                                                                 strict=True)})
@@ -199,20 +200,30 @@ def ingest_shard(store_url: str, name: str, version: str, shard: int, items: Seq
     return report
 
 
+def default_splits(source: str, root: str) -> list[str]:
+    """The splits to ingest when none are named: a layout file's own, else train and val."""
+    if source.lower() == "layout":
+        from tasks.layout import load_layout
+
+        return list(load_layout(root)[0].splits)
+    return ["train", "val"]
+
+
 def ingest_dataset(source: str, root: str, store_url: str, name: str, *,
-                   splits: Sequence[str] = ("train", "val"), size: int = DEFAULT_SIZE,
+                   splits: Sequence[str] | None = None, size: int = DEFAULT_SIZE,
                    shard_size: int = DEFAULT_SHARD_SIZE, classes_file: str | None = None,
                    list_file: str | None = None,
                    max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
     """The whole ingest in this process, shard after shard (no Prefect, no Dask).
 
     What the flow does, for tests, scripts and small datasets; safe to run concurrently with
-    other ingests of the same dataset into a local store (`store.create_dataset`).
+    other ingests of the same dataset into a local store (`store.create_dataset`). For
+    ``source="layout"``, ``root`` is the layout file; ``splits`` default to its own.
     """
     from tasks.readers import make_reader
 
     readers = [make_reader(source, root, s, classes_file=classes_file, list_file=list_file)
-               for s in splits]
+               for s in splits or default_splits(source, root)]
     plan = plan_ingest(readers, name, size=size, shard_size=shard_size, max_pixels=max_pixels)
     store.create_dataset(store_url, plan.spec)
     reports = [ingest_shard(store_url, name, plan.spec.version, k, plan.shard_items(k),
@@ -232,6 +243,7 @@ def summarize(reports: Sequence[ShardReport], plan: IngestPlan,
         "shards_skipped": sum(r.skipped for r in reports),
         "ingested": final["ingested"],
         "quarantined": final["quarantined"],
+        "unlabelled": final.get("unlabelled", 0),  # of the ingested, those without a mask
         "pending": final["pending"],
         "complete": final["complete"],
     }

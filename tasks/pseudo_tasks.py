@@ -38,7 +38,8 @@ class PseudoEpisodeSampler:
             raise ValueError(f"need shots >= 1 and top_k >= shots, got {shots}, {top_k}")
         self.dataset, self.pseudo = dataset, pseudo
         self.shots, self.top_k, self.seed = shots, top_k, seed
-        ids = list(image_ids) if image_ids is not None else dataset.split_ids(split)
+        ids = (list(image_ids) if image_ids is not None
+               else dataset.split_ids(split, unlabelled=True))  # label-free: every image
         self.ids = np.asarray(sorted(ids))
         rows = np.asarray([pseudo.row(i) for i in self.ids], dtype=np.int64)
         counts = pseudo.read("counts")[rows]  # (n, K)

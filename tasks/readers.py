@@ -1,4 +1,5 @@
-"""Dataset readers: one interface over PASCAL VOC (and the VOC layout) and COCO.
+"""Dataset readers: one interface over PASCAL VOC (and the VOC layout), COCO, and any layout
+described by a layout file (`tasks.layout`).
 
 A reader lists the items of one split and loads each as ``(image, mask)``: an ``HxWx3`` uint8
 RGB image and an ``HxW`` uint8 mask of *our* contiguous class ids (0 = background,
@@ -68,6 +69,9 @@ class Item:
     # A reason found while listing (e.g. a path outside the image folder, a duplicate): the
     # item is quarantined with it and its files are never read.
     quarantine: str = ""
+    # False for an image ingested without a mask (a layout with `unlabelled: true`): its
+    # stored mask is all 255 and labelled samplers never draw it.
+    labelled: bool = True
 
 
 @dataclass(frozen=True)
@@ -187,19 +191,27 @@ def make_reader(
     classes_file: str | Path | None = None,
     list_file: str | Path | None = None,
 ) -> Reader:
-    """Build the reader for ``source`` ("voc" or "coco").
+    """Build the reader for ``source`` ("voc", "coco" or "layout").
 
     For COCO, ``list_file`` names the annotation json explicitly; ``classes_file`` is refused
-    because COCO's classes come from its json.
+    because COCO's classes come from its json. For "layout", ``root`` is the layout file
+    (`tasks.layout`), which names the dataset root, the files and the classes itself.
     """
     kind = source.lower()
+    if kind == "layout":
+        if classes_file is not None or list_file is not None:
+            raise ValueError("a layout file names the classes and the files itself; drop "
+                             "classes_file and list_file")
+        from tasks.layout import LayoutReader
+
+        return LayoutReader(root, split)
     if kind == "voc":
         return VOCReader(root, split, classes_file=classes_file, list_file=list_file)
     if kind == "coco":
         if classes_file is not None:
             raise ValueError("COCO takes its classes from the annotation json; drop classes_file")
         return COCOReader(root, split, annotation_file=list_file)
-    raise ValueError(f"unknown dataset source {source!r}; expected 'voc' or 'coco'")
+    raise ValueError(f"unknown dataset source {source!r}; expected 'voc', 'coco' or 'layout'")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ Layout (Zarr v3, a local folder or any fsspec URL)::
         index/reason      (N,) str    why an item was quarantined
         index/height, index/width (N,) int32  original size
         index/class_pixels (N, C) int64       pixels of each class at original resolution
+        index/labelled    (N,) uint8  1, or 0 for an image ingested without a mask (its masks
+                                      are all 255); absent in versions made before it existed
         shard_done        (n_shards,) uint8   1 once every array of the shard is written
         derived/<kind>-<hash>/                attrs: kind, params, fields, complete, summary
             <field>       (N, ...)             per-image outputs of a later stage, row-aligned
@@ -118,6 +120,8 @@ class DatasetSpec:
     params: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
     source: dict[str, Any] = field(default_factory=dict)
+    # Per item: False for an image without a mask (stored all 255, never in labelled episodes).
+    labelled: list[bool] | None = None
 
     @property
     def n_items(self) -> int:
@@ -197,7 +201,10 @@ def version_problems(group: zarr.Group) -> list[str]:
     n = int(attrs.get("n_listed", -1))
     n_shards = len(shard_bounds(n, int(attrs.get("shard_size", 1))))
     problems = []
-    for key in _VERSION_ARRAYS:
+    # index/labelled exists in the versions made since it was introduced (they say how many
+    # images are unlabelled); older versions have every image labelled.
+    optional = ("index/labelled",) if "unlabelled" in attrs else ()
+    for key in _VERSION_ARRAYS + optional:
         try:
             array = group[key]
         except Exception as exc:  # noqa: BLE001 - any failure to open is the finding
@@ -376,6 +383,9 @@ def _build_version(g: zarr.Group, spec: DatasetSpec) -> None:
     arr("index/height", (n,), "int32", (rows,), 0)
     arr("index/width", (n,), "int32", (rows,), 0)
     arr("index/class_pixels", (n, c), "int64", (rows, c), 0)
+    labelled = np.ones(n, np.uint8) if spec.labelled is None else np.asarray(spec.labelled,
+                                                                               np.uint8)
+    arr("index/labelled", (n,), "uint8", (rows,), 1)[:] = labelled
     arr("shard_done", (spec.n_shards,), "uint8", (1,), 0)
     g.attrs.update({
         "layout": LAYOUT_VERSION,
@@ -389,6 +399,7 @@ def _build_version(g: zarr.Group, spec: DatasetSpec) -> None:
         "fingerprint": spec.fingerprint,
         "source": spec.source,
         "n_listed": n,
+        "unlabelled": int(n - labelled.sum()),  # listed without a mask
         "created": True,  # last: without it the version does not verify and is rebuilt
     })
 
@@ -445,6 +456,13 @@ def write_shard(store_url: str, name: str, version: str, shard: int,
     g["shard_done"][shard] = 1
 
 
+def _labelled(group: zarr.Group) -> np.ndarray:
+    """(N,) bool: whether each row has a mask (all True in versions older than the flag)."""
+    if "unlabelled" not in group.attrs:
+        return np.ones(int(group["index/status"].shape[0]), bool)
+    return group["index/labelled"][:].astype(bool)
+
+
 def finalize_dataset(store_url: str, name: str, version: str) -> dict[str, Any]:
     """Record the version's summary and make it the dataset's latest; returns the summary."""
     root = _root(store_url)
@@ -465,6 +483,9 @@ def finalize_dataset(store_url: str, name: str, version: str) -> dict[str, Any]:
         "shards_done": int(done.sum()),
     }
     summary["complete"] = summary["shards_done"] == summary["shards"]
+    unlabelled = int(((status == INGESTED) & ~_labelled(g)).sum())
+    if unlabelled:  # of the ingested, images without a mask (layouts with unlabelled: true)
+        summary["unlabelled"] = unlabelled
     # Attributes are written only when they change: a no-op rerun writes nothing, so it also
     # works on a read-only store.
     if g.attrs.get("summary") != summary:
@@ -534,6 +555,10 @@ class Dataset:
         ok = self.index["status"].to_numpy() == INGESTED
         self._rows = np.flatnonzero(ok)
         self.ids: list[str] = self.index["id"].to_numpy()[ok].tolist()
+        self.index["labelled"] = _labelled(group)
+        # Ingested without a mask: images for the label-free stages, never labelled samples.
+        self.unlabelled_ids: list[str] = self.index["id"].to_numpy()[
+            ok & ~self.index["labelled"].to_numpy()].tolist()
         self._row_of = {i: int(r) for i, r in zip(self.ids, self._rows, strict=True)}
         self._cache = _ShardCache(cache_bytes)
         self._arrays: dict[str, Any] = {}
@@ -558,9 +583,14 @@ class Dataset:
         q = self.index[self.index["status"] == QUARANTINED]
         return q[["id", "split", "source_path", "reason"]].reset_index(drop=True)
 
-    def split_ids(self, split: str) -> list[str]:
+    def split_ids(self, split: str, *, unlabelled: bool = False) -> list[str]:
+        """The ingested images of ``split`` that have a mask (with ``unlabelled``, also those
+        ingested without one, for label-free uses such as pseudo episodes)."""
         rows = self.index.iloc[self._rows]
-        return rows.loc[rows["split"] == split, "id"].tolist()
+        keep = rows["split"] == split
+        if not unlabelled:
+            keep &= rows["labelled"]
+        return rows.loc[keep, "id"].tolist()
 
     def row(self, image_id: str) -> int:
         try:
@@ -697,6 +727,7 @@ def inspect_store(store_url: str) -> dict[str, Any]:
             reason = g["index/reason"][:]
             paths = g["index/source_path"][:]
             q = np.flatnonzero(status == QUARANTINED)
+            bare = (status == INGESTED) & ~_labelled(g)
             versions[version] = {
                 "latest": parent.attrs.get("latest") == version,
                 "params": a.get("params", {}),
@@ -708,6 +739,9 @@ def inspect_store(store_url: str) -> dict[str, Any]:
                 "pending": int((status == PENDING).sum()),
                 "splits": {str(s): int(((split == s) & (status == INGESTED)).sum())
                            for s in np.unique(split)},
+                # of the ingested images above, those without a mask
+                "unlabelled": {str(s): int((bare & (split == s)).sum())
+                               for s in np.unique(split) if (bare & (split == s)).any()},
                 "quarantine": [{"path": str(paths[i]), "reason": str(reason[i])} for i in q],
                 "bytes": {k: _nbytes(root, f"{DATASETS}/{name}/{version}/{k}")
                           for k in ("images", "masks", "original_masks", "index")},
