@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +34,38 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ingest_source(args: argparse.Namespace) -> tuple[str, str, list[str]]:
+    """(source, root, splits) of `fss ingest`; a bad layout file fails here, at once."""
+    if not args.layout:
+        if not args.root:
+            raise ValueError("ingest --source needs --root (the dataset folder)")
+        return args.source, str(Path(args.root).resolve()), _splits(args.split or "train,val")
+    from tasks.layout import LayoutError, load_layout
+
+    if args.root or args.classes or args.list:
+        raise ValueError("a layout file names the root, the files and the classes: drop "
+                         "--root, --classes and --list")
+    path = str(Path(args.layout).resolve())
+    layout, _ = load_layout(path)
+    splits = _splits(args.split) if args.split else list(layout.splits)
+    unknown = [s for s in splits if s not in layout.splits]
+    if unknown:
+        raise LayoutError(f"{path}: splits: --split {unknown[0]!r} is not one of the "
+                          f"layout's splits {layout.splits}")
+    return "layout", path, splits
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from flows.ingest import run_ingest
     from flows.runtime import prefect_api
 
     t0 = time.perf_counter()
+    source, root, splits = _ingest_source(args)
     with prefect_api():
         summary = run_ingest(
-            workers=args.workers, dask_address=args.dask_address, source=args.source,
-            root=str(Path(args.root).resolve()), store_url=args.store, name=args.name,
-            splits=_splits(args.split), size=args.size, shard_size=args.shard_size,
-            classes_file=args.classes, list_file=args.list)
+            workers=args.workers, dask_address=args.dask_address, source=source, root=root,
+            store_url=args.store, name=args.name, splits=splits, size=args.size,
+            shard_size=args.shard_size, classes_file=args.classes, list_file=args.list)
     print_ingest_summary(summary, time.perf_counter() - t0)
     return 0 if summary["complete"] else 1
 
@@ -51,7 +74,8 @@ def print_ingest_summary(summary: dict[str, Any], seconds: float) -> None:
     s = summary
     print(f"ingested {s['name']} ({s['version']}) in {seconds:.1f} s: "
           f"{s['shards_written']} shards written, {s['shards_skipped']} already complete")
-    print(f"  ingested {s['ingested']} + quarantined {s['quarantined']} = "
+    bare = f" ({s['unlabelled']} without a mask)" if s.get("unlabelled") else ""
+    print(f"  ingested {s['ingested']}{bare} + quarantined {s['quarantined']} = "
           f"{s['ingested'] + s['quarantined']} of {s['listed']} listed"
           + ("" if s["complete"] else f" ({s['pending']} pending: rerun to resume)"))
     if s["quarantined"]:
@@ -244,6 +268,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fss", description=__doc__)
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error (a user error is otherwise one line)")
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
@@ -255,10 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_synth)
 
-    i = sub.add_parser("ingest", help="ingest a VOC- or COCO-format dataset into the store")
-    i.add_argument("--source", choices=["voc", "coco"], required=True)
-    i.add_argument("--root", required=True, help="dataset root folder")
-    i.add_argument("--split", default="train,val", help="comma-separated splits")
+    i = sub.add_parser("ingest", help="ingest a VOC- or COCO-format dataset, or any dataset a "
+                                      "layout file describes, into the store")
+    src = i.add_mutually_exclusive_group(required=True)
+    src.add_argument("--source", choices=["voc", "coco"], help="a VOC- or COCO-format dataset")
+    src.add_argument("--layout", help="a layout file (YAML: root, images, masks, splits, "
+                                      "classes, background, ignore, ...)")
+    i.add_argument("--root", help="dataset root folder (with --source)")
+    i.add_argument("--split", help="comma-separated splits (default: train,val, or the "
+                                   "layout's splits)")
     i.add_argument("--store", default=DEFAULT_STORE, help="Zarr store path or fsspec URL")
     i.add_argument("--name", required=True, help="dataset name inside the store")
     i.add_argument("--size", type=int, default=144, help="canonical image side")
@@ -356,14 +387,60 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    errors = user_errors()
+    hide = None if args.debug else _HideUserErrors(errors)
+    for handler in logging.getLogger().handlers if hide else ():
+        handler.addFilter(hide)
+    try:
+        return args.func(args)
+    except errors as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"fss: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    finally:
+        for handler in logging.getLogger().handlers if hide else ():
+            handler.removeFilter(hide)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause (a wrong path, a bad layout or config, an unknown dataset): one
+    line and exit 2. Anything else is a bug and keeps its traceback."""
+    import yaml
+
     from tasks.readers import DatasetError
     from tasks.store import StoreError
 
-    try:
-        return args.func(args)
-    except (DatasetError, StoreError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"fss: error: {exc}", file=sys.stderr)
-        return 2
+    # LayoutError is a DatasetError; pydantic's ValidationError is a ValueError.
+    return (DatasetError, StoreError, ValueError, FileNotFoundError, RuntimeError,
+            yaml.YAMLError)
+
+
+def _one_line(exc: BaseException) -> str:
+    import yaml
+
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, yaml.YAMLError):  # PyYAML spreads its position over several lines
+        text = "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text
+
+
+class _HideUserErrors(logging.Filter):
+    """Console handlers only: Prefect logs a flow's or task's exception with its traceback
+    before the flow re-raises it; for a user error the one line of `main` says it all (the
+    Prefect API and UI still get the full record). Also hides the events worker's shutdown
+    note ("Still processing items") that an early failure leaves behind."""
+
+    def __init__(self, errors: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.errors = errors
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, self.errors):
+            return False
+        return not (record.name == "EventsWorker"
+                    and str(record.msg).startswith("Still processing items"))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@ colour-coded masks, unlabelled images, and one-line user errors from the CLI."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -306,3 +310,67 @@ def test_train_and_evaluate_without_a_background_class(streets, tmp_path: Path) 
     assert scores.episodes == 6 and 0.0 <= scores.miou <= 1.0 and np.isfinite(scores.fbiou)
     assert set(scores.per_class) == {"car", "pedestrian"}
     assert torch.isfinite(torch.tensor(scores.miou))
+# --------------------------------------------------------------------------------------------
+# the CLI: a user error is one line, exit 2
+
+
+def _fss(*args: str, env: dict | None = None, cwd: Path | None = None):
+    exe = Path(sys.executable).with_name("fss")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def test_cli_bad_layout_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
+    bad = write_layout(tmp_path / "bad.yaml", ignore=[3])
+    done = _fss("ingest", "--layout", str(bad), "--name", "x", "--store",
+                str(tmp_path / "s.zarr"), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("fss: error: ") and str(bad) in lines[0] and "ignore[0]" in lines[0]
+    # The same in-process (a subprocess costs seconds of imports): a missing file, --debug.
+    from flows.cli import main
+
+    assert main(["ingest", "--layout", str(tmp_path / "nope.yaml"), "--name", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.yaml does not exist" in err
+    assert main(["--debug", "ingest", "--layout", str(bad), "--name", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1] == lines[0]
+    assert main(["ingest", "--layout", str(bad), "--root", ".", "--name", "x"]) == 2
+    assert "drop --root" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_error_inside_a_flow_is_one_line(tmp_path: Path, prefect_api_url: str) -> None:
+    """A wrong root surfaces inside the ingest flow: Prefect's own traceback is not shown."""
+    done = _fss("ingest", "--source", "voc", "--root", str(tmp_path / "missing"), "--name",
+                "x", "--store", str(tmp_path / "s.zarr"), "--workers", "1", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"fss: error: dataset root {tmp_path / 'missing'} is not a directory"], done.stderr
+
+
+@pytest.mark.slow
+def test_cli_ingests_a_layout(tmp_path: Path, prefect_api_url: str) -> None:
+    write_streets(tmp_path, {"train": 4, "val": 2}, unlabelled=1)
+    layout = write_layout(tmp_path / "streets.yaml", splits=["train", "val"], unlabelled=True)
+    url = str(tmp_path / "s.zarr")
+    done = _fss("ingest", "--layout", str(layout), "--name", "streets", "--store", url,
+                "--size", "32", "--workers", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "ingested 7 (1 without a mask) + quarantined 0 = 7 of 7 listed" in done.stdout
+    done = _fss("store", "inspect", url, "--json", cwd=tmp_path)
+    info = next(iter(json.loads(done.stdout)["datasets"]["streets"].values()))
+    assert info["classes"][0] == NO_BACKGROUND and info["unlabelled"] == {"train": 1}
+
+
+def test_an_unexpected_error_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.cli as cli
+
+    def bug(args):
+        raise KeyError("a bug, not a user error")
+
+    monkeypatch.setattr(cli, "cmd_inspect", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        cli.main(["store", "inspect", "nowhere.zarr"])
