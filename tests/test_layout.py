@@ -139,6 +139,40 @@ def test_unlabelled_images_are_images_only(streets) -> None:
     assert info["unlabelled"] == {"train": 3} and info["splits"]["train"] == 27
 
 
+def test_label_free_stages_use_unlabelled_images(streets) -> None:
+    """Features are computed for every ingested image; pseudo episodes draw from all of them."""
+    from tasks import features
+    from tasks.pseudo_tasks import PseudoEpisodeSampler
+
+    _, _, url, _, _ = streets
+    ds = store.open_dataset(url, "streets")
+    spec = {"kind": "backbone", "backbone": "small_resnet", "layer": "layer2",
+            "checkpoint": None}
+    plan = features.plan_features(url, "streets", spec)
+    features.create_features(plan)
+    for k in range(plan.n_shards):
+        features.extract_shard(url, "streets", ds.version, plan.key, k, spec)
+    store.finalize_derived(url, "streets", ds.version, plan.key)
+    feats = store.open_derived(url, "streets", plan.key)
+    assert all(np.abs(feats.get(i).astype(np.float32)).sum() > 0 for i in ds.unlabelled_ids)
+    # A pseudo-mask group (one cluster per image half) over every row, as `fss pseudo` writes.
+    n, size, k = len(ds.index), ds.size, 2
+    masks = np.zeros((n, size, size), np.uint8)
+    masks[:, size // 2:] = 1
+    fields = [store.DerivedField("mask", (size, size), "uint8", fill=255),
+              store.DerivedField("counts", (k,), "int64"),
+              store.DerivedField("prototypes", (k, 4), "float16")]
+    key, _ = store.create_derived(url, "streets", ds.version, "pseudo", {"test": 1}, fields)
+    for shard, (a, b) in enumerate(store.shard_bounds(n, ds.shard_size)):
+        store.write_derived_shard(url, "streets", ds.version, key, shard, {
+            "mask": masks[a:b], "counts": np.full((b - a, k), size * size // 2),
+            "prototypes": np.ones((b - a, k, 4), np.float16)})
+    store.finalize_derived(url, "streets", ds.version, key)
+    sampler = PseudoEpisodeSampler(ds, store.open_derived(url, "streets", key), min_pixels=10)
+    assert set(ds.unlabelled_ids) <= set(sampler.ids.tolist())
+    assert len(sampler.ids) == 27
+
+
 def test_rerun_is_noop_and_the_meaning_of_labels_makes_the_version(streets, tmp_path) -> None:
     root, layout, url, _, summary = streets
     again = ingest.ingest_dataset("layout", str(layout), url, "streets", size=32, shard_size=16)
