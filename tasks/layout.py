@@ -15,7 +15,18 @@ and optionally ``palette: {name: [r, g, b]}`` (colour-coded RGB masks; ``ignore`
 colours), ``remap: {value: name | ignore}`` (label values that are not ``classes`` indices,
 e.g. mmsegmentation's ``reduce_zero_label``: ``{0: ignore, 1: sky, 2: building, ...}``) and
 ``unlabelled: true`` (images without a mask file are ingested without labels instead of being
-quarantined).
+quarantined) and ``orientation: exif | stored`` (below).
+
+Orientation: a photo's EXIF orientation tag says how viewers turn its stored pixels to show
+it, and a mask (a PNG, no EXIF) is drawn on one of the two. ``orientation: exif`` (the default:
+annotation tools in browsers and labelme show photos turned) applies the tag to the image
+(Pillow's ``ImageOps.exif_transpose``) and takes the mask as drawn on the turned image.
+When the tag exchanges width and height and the mask has the *stored* image's size instead,
+the mask was drawn on the stored pixels: the item is quarantined with that reason and the
+hint ``orientation: stored``, never silently turned (a tag that keeps the size, a 180° turn
+say, cannot be checked that way, so a dataset whose tool worked on stored pixels must say
+so). ``orientation: stored`` ignores the tag (what ``cv2.imread`` does, and what VOC and COCO
+need).
 
 Store class ids (the store's convention is class 0 = background, 255 = ignore):
 
@@ -37,24 +48,28 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from tasks.readers import (
     IGNORE,
     MAX_CLASSES,
+    ORIENTATIONS,
+    SWAPS_SIDES,
     BadItem,
     DatasetError,
+    FileFacts,
     Item,
     Reader,
     _decode,
     _inside,
     _rel,
     _to_rgb,
+    exif_orientation,
     scan_files,
 )
 
@@ -85,6 +100,8 @@ class Layout(BaseModel):
     palette: dict[str, list[int]] | None = None
     remap: dict[int, str] | None = None
     unlabelled: bool = False
+    # What the masks were drawn on: the image as EXIF orientation shows it, or as stored.
+    orientation: Literal["exif", "stored"] = "exif"
 
     @field_validator("images", "masks")
     @classmethod
@@ -362,8 +379,11 @@ class LayoutReader(Reader):
         facts = scan_files([image for _, image, _ in entries],
                            [mask for _, _, mask in entries if os.path.isfile(mask)])
         items = []
+        turn = self.layout.orientation == "exif"
         for stem, image, mask in entries:
             f = facts[image]
+            if turn and f.orientation in SWAPS_SIDES:  # the size the image is ingested at
+                f = FileFacts(f.digest, f.width, f.height, f.orientation)
             if mask in facts:
                 items.append(Item(stem, self.split, image, mask, f.height, f.width))
             elif not _inside(mask, self.root):  # unreachable with validated patterns
@@ -383,14 +403,30 @@ class LayoutReader(Reader):
         if item.quarantine:
             raise BadItem(item.image_path, item.quarantine)
         image_im = _decode(item.image_path, "image")
+        stored = image_im.size
+        turn = exif_orientation(image_im) if self.layout.orientation == "exif" else 1
+        if turn != 1:
+            try:
+                image_im = ImageOps.exif_transpose(image_im)
+            except Exception as exc:  # noqa: BLE001 - a broken EXIF block: quarantine
+                raise BadItem(item.image_path, f"EXIF orientation {turn} cannot be applied "
+                                               f"({type(exc).__name__}: {exc})") from exc
         width, height = image_im.size
         if not item.labelled:
             return _to_rgb(image_im), np.full((height, width), IGNORE, np.uint8)
         mask_path = str(item.label)
         mask_im = _decode(mask_path, "mask", lossless=True)
         if mask_im.size != image_im.size:
-            (mw, mh) = mask_im.size
-            raise BadItem(mask_path, f"mask {mw}x{mh} != image {width}x{height}")
+            (mw, mh), (sw, sh) = mask_im.size, stored
+            if turn in SWAPS_SIDES and mask_im.size == stored:
+                raise BadItem(mask_path, (
+                    f"mask {mw}x{mh} fits the image as stored, but the image's EXIF "
+                    f"orientation {turn} ({ORIENTATIONS[turn]}) shows it as {width}x{height}: "
+                    f"the mask was drawn on the stored pixels (if every mask was, set "
+                    f"orientation: stored in {self.layout_file.name})"))
+            turned = (f" (as its EXIF orientation {turn} shows it; stored {sw}x{sh})"
+                      if turn != 1 else "")
+            raise BadItem(mask_path, f"mask {mw}x{mh} != image {width}x{height}{turned}")
         if self._colours is not None:
             return _to_rgb(image_im), self._by_colour(mask_im, mask_path)
         return _to_rgb(image_im), self._by_value(mask_im, mask_path)

@@ -81,6 +81,7 @@ class FileFacts:
     digest: str  # blake2b-128 of the bytes, "missing" when the file cannot be read
     height: int | None = None  # from the image header, when asked for and readable
     width: int | None = None
+    orientation: int = 1  # the header's EXIF orientation (1: as stored), when asked for
 
 
 MISSING = "missing"
@@ -100,9 +101,10 @@ def _file_facts(path: str, header: bool) -> FileFacts:
             try:
                 with Image.open(fh) as im:
                     width, height = im.size
+                    orientation = exif_orientation(im)
             except Exception:  # load() reports undecodable files properly; the size is optional
                 return FileFacts(digest.hexdigest())
-            return FileFacts(digest.hexdigest(), height, width)
+            return FileFacts(digest.hexdigest(), height, width, orientation)
     except OSError:
         return FileFacts(MISSING)
 
@@ -282,8 +284,27 @@ def _decode(path: str | Path, what: str, *, lossless: bool = False) -> Image.Ima
         raise BadItem(path, f"{what} fails to decode: {exc}") from exc
 
 
+# EXIF orientation (tag 0x0112): how a viewer turns the stored pixels to show the image.
+EXIF_ORIENTATION = 0x0112
+ORIENTATIONS = {2: "mirrored", 3: "rotated 180°", 4: "flipped upside down",
+                5: "mirrored and rotated 90° counter-clockwise", 6: "rotated 90° clockwise",
+                7: "mirrored and rotated 90° clockwise", 8: "rotated 90° counter-clockwise"}
+SWAPS_SIDES = frozenset({5, 6, 7, 8})  # orientations that exchange width and height
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The image's EXIF orientation, 1 (as stored) when absent, unreadable or out of range."""
+    try:
+        value = im.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not sink an image
+        return 1
+    return value if value in ORIENTATIONS else 1
+
+
 def _to_rgb(im: Image.Image) -> np.ndarray:
-    # EXIF orientation is deliberately not applied: VOC and COCO annotate the stored pixels.
+    # EXIF orientation is not applied here: VOC and COCO annotate the stored pixels (their
+    # masks and annotated sizes are those of the stored grid); a layout file chooses
+    # (`orientation`, tasks/layout.py) and applies it before calling this.
     if im.mode == "P":
         im = im.convert("RGBA")  # palette transparency must go through RGBA (Pillow warns)
     if im.mode != "RGB":
