@@ -65,7 +65,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         summary = run_ingest(
             workers=args.workers, dask_address=args.dask_address, source=source, root=root,
             store_url=args.store, name=args.name, splits=splits, size=args.size,
-            shard_size=args.shard_size, classes_file=args.classes, list_file=args.list)
+            shard_size=args.shard_size, classes_file=args.classes, list_file=args.list,
+            resize=args.resize)
     print_ingest_summary(summary, time.perf_counter() - t0)
     return 0 if summary["complete"] else 1
 
@@ -95,9 +96,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for version, v in versions.items():
             mark = " (latest)" if v["latest"] else ""
             mib = sum(v["bytes"].values()) / 2**20
+            pad = " (aspect kept, padded)" if v.get("resize") == "pad" else ""
             print(f"{name} {version}{mark}: {v['ingested']} ingested + {v['quarantined']} "
                   f"quarantined of {v['listed']} listed, {v['pending']} pending; "
-                  f"{v['size']} px; {mib:.1f} MiB")
+                  f"{v['size']} px{pad}; {mib:.1f} MiB")
             print("  splits: " + ", ".join(f"{k} {n}" for k, n in v["splits"].items()))
             print(f"  classes ({len(v['classes']) - 1}): " + ", ".join(v["classes"][1:]))
             print("  bytes: " + ", ".join(f"{k} {b / 2**20:.1f} MiB"
@@ -293,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--store", default=DEFAULT_STORE, help="Zarr store path or fsspec URL")
     i.add_argument("--name", required=True, help="dataset name inside the store")
     i.add_argument("--size", type=int, default=144, help="canonical image side")
+    i.add_argument("--resize", choices=["square", "pad"], default="square",
+                   help="square: stretch to size x size (HSNet); pad: keep the aspect ratio, "
+                        "longest side to size, pad the rest (PFENet; padding is ignored). "
+                        "Default: %(default)s")
     i.add_argument("--shard-size", type=int, default=64, help="images per shard and per task")
     i.add_argument("--classes", help="class list file (one name per line, line 0 background)")
     i.add_argument("--list", help="VOC list file overriding ImageSets/Segmentation/<split>.txt")

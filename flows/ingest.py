@@ -24,8 +24,9 @@ from tasks.readers import Item, Reader, make_reader
 # a shard's item list would cost time for nothing).
 @task(name="ingest-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def ingest_shard_task(store_url: str, name: str, version: str, shard: int, items: list[Item],
-                      readers: dict[str, Reader], size: int) -> ingest.ShardReport:
-    return ingest.ingest_shard(store_url, name, version, shard, items, readers, size)
+                      readers: dict[str, Reader], size: int,
+                      resize: str = "square") -> ingest.ShardReport:
+    return ingest.ingest_shard(store_url, name, version, shard, items, readers, size, resize)
 
 
 @flow(name="ingest")
@@ -33,22 +34,23 @@ def ingest_flow(source: str, root: str, store_url: str, name: str,
                 splits: list[str] | None = None, size: int = ingest.DEFAULT_SIZE,
                 shard_size: int = ingest.DEFAULT_SHARD_SIZE, classes_file: str | None = None,
                 list_file: str | None = None, progress: bool = True,
-                max_pixels: int = ingest.DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+                max_pixels: int = ingest.DEFAULT_MAX_PIXELS,
+                resize: str = "square") -> dict[str, Any]:
     """Ingest `splits` of a dataset into the store as one dataset version: VOC or COCO format
     under `root`, or (`source="layout"`) the dataset a layout file `root` describes, whose
-    splits are the default."""
+    splits are the default. `resize` "pad" keeps aspect ratios (padding), "square" stretches."""
     splits = splits or ingest.default_splits(source, root)
     readers = [make_reader(source, Path(root), s, classes_file=classes_file, list_file=list_file)
                for s in splits]
     plan = ingest.plan_ingest(readers, name, size=size, shard_size=shard_size,
-                              max_pixels=max_pixels)
+                              max_pixels=max_pixels, resize=resize)
     spec = plan.spec
     store.create_dataset(store_url, spec)
     done = store.done_shards(store_url, name, spec.version)
     reports = [ingest.ShardReport(shard=k, skipped=True) for k in sorted(done)]
     futures = [
         ingest_shard_task.submit(store_url, name, spec.version, k, plan.shard_items(k),
-                                 plan.readers, size)
+                                 plan.readers, size, resize)
         for k in range(spec.n_shards) if k not in done
     ]
     artifact = create_progress_artifact(

@@ -50,6 +50,9 @@ class Episode:
     query_image: np.ndarray  # (H, W, 3) uint8
     query_mask: np.ndarray  # (H, W) uint8, episode labels 0..N, 255 kept
     query_original_mask: np.ndarray  # (h, w) uint8, same labels at the label's original size
+    # (top, left, height, width) of the query inside the canonical square (`Dataset.box`):
+    # crop the logits to it before upsampling them to query_original_mask's size. None: all.
+    query_box: tuple[int, int, int, int] | None = None
 
     @property
     def ways(self) -> int:
@@ -196,6 +199,7 @@ class EpisodeSampler:
             query_image=ds.image(query_id),
             query_mask=lut[ds.mask(query_id)],
             query_original_mask=lut[ds.original_mask(query_id)],
+            query_box=ds.box(query_id),
         )
 
     def episodes(self, n: int, start: int = 0) -> Iterator[Episode]:

@@ -24,6 +24,10 @@ DEFAULT_SHARD_SIZE = 64
 # Larger images are quarantined: a shard of original-size masks is allocated at the dataset's
 # largest listed image (8000x8000 here; Pillow itself refuses 179 Mpx as a decompression bomb).
 DEFAULT_MAX_PIXELS = 64_000_000
+# How an image reaches the canonical S x S square: "square" stretches it (HSNet's choice, the
+# default); "pad" keeps its aspect ratio, the longest side becoming S, and pads the rest at the
+# bottom and right (PFENet's choice): image padding 0, mask padding 255 (ignored).
+RESIZE_MODES = ("square", "pad")
 
 
 @dataclass
@@ -49,17 +53,20 @@ class ShardReport:
 
 def plan_ingest(readers: Sequence[Reader], name: str, *, size: int = DEFAULT_SIZE,
                 shard_size: int = DEFAULT_SHARD_SIZE,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> IngestPlan:
+                max_pixels: int = DEFAULT_MAX_PIXELS, resize: str = "square") -> IngestPlan:
     """List every split's items (fails fast on a wrong root) and derive the dataset version.
 
     Items over ``max_pixels`` (by their file header) are quarantined; the layout is sized by
-    the largest remaining image whose size its header confirmed.
+    the largest remaining image whose size its header confirmed. ``resize`` ("square" or
+    "pad", `RESIZE_MODES`) is a parameter of the version (a "pad" ingest is a new version).
     """
     store.validate_name(name)
     if size < 16:
         raise ValueError(f"size must be at least 16 px, got {size}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
     if max_pixels < size * size:
         raise ValueError(f"max_pixels must be at least size^2 = {size * size}, got {max_pixels}")
     first = readers[0]
@@ -78,6 +85,8 @@ def plan_ingest(readers: Sequence[Reader], name: str, *, size: int = DEFAULT_SIZ
         "".join(r.fingerprint() for r in readers).encode()).hexdigest()
     params = {"size": size, "shard_size": shard_size, "kind": first.kind, "splits": splits,
               "max_pixels": max_pixels}
+    if resize != "square":  # the default stays out, so versions ingested before keep their id
+        params["resize"] = resize
     sized = [i for i in items if i.height and i.width and not i.quarantine]
     heights = [i.height for i in sized]
     widths = [i.width for i in sized]
@@ -168,7 +177,29 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
     return np.asarray(img), np.asarray(lbl)
 
 
-def load_item(reader: Reader, item: Item, size: int) -> store.ItemResult:
+def content_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """Where resize "pad" puts an ``height`` x ``width`` image in the ``size`` square:
+    ``(top, left, h, w)``, the longest side ``size``, the other rounded (at least 1 px)."""
+    scale = size / max(height, width)
+    return 0, 0, max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def pad_pair(image: np.ndarray, mask: np.ndarray,
+             size: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+    """Resize "pad": the aspect-preserving resize of image (bilinear) and mask (nearest) into
+    the top-left corner of the ``size`` square, the rest image 0 and mask 255; with the box."""
+    top, left, h, w = box = content_box(*mask.shape, size)
+    img = np.zeros((size, size, 3), np.uint8)
+    lbl = np.full((size, size), store.IGNORE, np.uint8)
+    img[top:top + h, left:left + w] = np.asarray(
+        Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+    lbl[top:top + h, left:left + w] = np.asarray(
+        Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST))
+    return img, lbl, box
+
+
+def load_item(reader: Reader, item: Item, size: int,
+              resize: str = "square") -> store.ItemResult:
     """Decode, validate and resize one item; a bad item becomes a quarantine reason."""
     if item.quarantine:  # found while listing: its files are not read
         return store.ItemResult(reason=item.quarantine)
@@ -180,16 +211,19 @@ def load_item(reader: Reader, item: Item, size: int) -> store.ItemResult:
         return store.ItemResult(reason=where + exc.reason)
     except Exception as exc:  # noqa: BLE001 - one unexpected failure must not sink the shard
         return store.ItemResult(reason=f"unexpected {type(exc).__name__}: {exc}")
-    small_image, small_mask = resize_pair(image, mask, size)
-    return store.ItemResult(image=small_image, mask=small_mask, original_mask=mask)
+    if resize == "pad":
+        small_image, small_mask, box = pad_pair(image, mask, size)
+    else:
+        (small_image, small_mask), box = resize_pair(image, mask, size), (0, 0, size, size)
+    return store.ItemResult(image=small_image, mask=small_mask, original_mask=mask, box=box)
 
 
 def ingest_shard(store_url: str, name: str, version: str, shard: int, items: Sequence[Item],
-                 readers: dict[str, Reader], size: int) -> ShardReport:
+                 readers: dict[str, Reader], size: int, resize: str = "square") -> ShardReport:
     """Process and write one shard; a no-op when the shard is already complete."""
     if shard in store.done_shards(store_url, name, version):
         return ShardReport(shard=shard, skipped=True)
-    results = [load_item(readers[item.split], item, size) for item in items]
+    results = [load_item(readers[item.split], item, size, resize) for item in items]
     store.write_shard(store_url, name, version, shard, results)
     report = ShardReport(shard=shard)
     for item, result in zip(items, results, strict=True):
@@ -212,8 +246,8 @@ def default_splits(source: str, root: str) -> list[str]:
 def ingest_dataset(source: str, root: str, store_url: str, name: str, *,
                    splits: Sequence[str] | None = None, size: int = DEFAULT_SIZE,
                    shard_size: int = DEFAULT_SHARD_SIZE, classes_file: str | None = None,
-                   list_file: str | None = None,
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+                   list_file: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   resize: str = "square") -> dict[str, Any]:
     """The whole ingest in this process, shard after shard (no Prefect, no Dask).
 
     What the flow does, for tests, scripts and small datasets; safe to run concurrently with
@@ -224,10 +258,11 @@ def ingest_dataset(source: str, root: str, store_url: str, name: str, *,
 
     readers = [make_reader(source, root, s, classes_file=classes_file, list_file=list_file)
                for s in splits or default_splits(source, root)]
-    plan = plan_ingest(readers, name, size=size, shard_size=shard_size, max_pixels=max_pixels)
+    plan = plan_ingest(readers, name, size=size, shard_size=shard_size, max_pixels=max_pixels,
+                       resize=resize)
     store.create_dataset(store_url, plan.spec)
     reports = [ingest_shard(store_url, name, plan.spec.version, k, plan.shard_items(k),
-                            plan.readers, size) for k in range(plan.spec.n_shards)]
+                            plan.readers, size, resize) for k in range(plan.spec.n_shards)]
     return summarize(reports, plan, store.finalize_dataset(store_url, name, plan.spec.version))
 
 

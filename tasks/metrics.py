@@ -134,14 +134,26 @@ def episode_iou(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tens
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def upsample_logits_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def upsample_logits_to(logits: torch.Tensor, size: tuple[int, int],
+                       box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Bilinear (align_corners=False) resize of (B, C, h, w) logits to ``size`` (H, W).
 
     Score at the label's original size (preset "pfenet": the default) or at the canonical size
     (preset "hsnet"); take the argmax *after* resizing so that boundaries are interpolated.
+    ``box`` (top, left, height, width: ``Dataset.box``, ``Episode.query_box``) is where the
+    image lies in the canonical square: the logits are cropped to it first, so the padding of
+    a resize "pad" dataset is cut away and the image alone is stretched back to ``size``. A
+    box covering the whole square (every "square" dataset) changes nothing.
     """
     if logits.ndim != 4:
         raise ValueError(f"logits must be (B, C, h, w), got shape {tuple(logits.shape)}")
+    if box is not None:
+        top, left, h, w = (int(v) for v in box)
+        if top < 0 or left < 0 or h < 1 or w < 1 or top + h > logits.shape[-2] or (
+                left + w > logits.shape[-1]):
+            raise ValueError(f"box {tuple(box)} is not inside the logits' "
+                             f"{tuple(logits.shape[-2:])}")
+        logits = logits[..., top:top + h, left:left + w]
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)

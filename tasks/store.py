@@ -14,6 +14,9 @@ Layout (Zarr v3, a local folder or any fsspec URL)::
         index/class_pixels (N, C) int64       pixels of each class at original resolution
         index/labelled    (N,) uint8  1, or 0 for an image ingested without a mask (its masks
                                       are all 255); absent in versions made before it existed
+        index/box         (N, 4) int32 where the image lies in the canonical square: top, left,
+                                      height, width (the whole square unless ingested with
+                                      resize "pad"); absent in versions made before it existed
         shard_done        (n_shards,) uint8   1 once every array of the shard is written
         derived/<kind>-<hash>/                attrs: kind, params, fields, complete, summary
             <field>       (N, ...)             per-image outputs of a later stage, row-aligned
@@ -140,6 +143,8 @@ class ItemResult:
     mask: np.ndarray | None = None  # (S, S) uint8
     original_mask: np.ndarray | None = None  # (h, w) uint8
     reason: str = ""
+    # (top, left, height, width) of the image inside the canonical square; None: all of it
+    box: tuple[int, int, int, int] | None = None
 
     @property
     def ok(self) -> bool:
@@ -203,7 +208,8 @@ def version_problems(group: zarr.Group) -> list[str]:
     problems = []
     # index/labelled exists in the versions made since it was introduced (they say how many
     # images are unlabelled); older versions have every image labelled.
-    optional = ("index/labelled",) if "unlabelled" in attrs else ()
+    optional = (("index/labelled",) if "unlabelled" in attrs else ()) + (
+        ("index/box",) if "resize" in attrs else ())
     for key in _VERSION_ARRAYS + optional:
         try:
             array = group[key]
@@ -386,6 +392,7 @@ def _build_version(g: zarr.Group, spec: DatasetSpec) -> None:
     labelled = np.ones(n, np.uint8) if spec.labelled is None else np.asarray(spec.labelled,
                                                                                np.uint8)
     arr("index/labelled", (n,), "uint8", (rows,), 1)[:] = labelled
+    arr("index/box", (n, 4), "int32", (rows, 4), 0)
     arr("shard_done", (spec.n_shards,), "uint8", (1,), 0)
     g.attrs.update({
         "layout": LAYOUT_VERSION,
@@ -400,6 +407,7 @@ def _build_version(g: zarr.Group, spec: DatasetSpec) -> None:
         "source": spec.source,
         "n_listed": n,
         "unlabelled": int(n - labelled.sum()),  # listed without a mask
+        "resize": resize_mode(spec.params),  # and so index/box exists
         "created": True,  # last: without it the version does not verify and is rebuilt
     })
 
@@ -433,6 +441,7 @@ def write_shard(store_url: str, name: str, version: str, shard: int,
     heights = np.zeros(n, np.int32)
     widths = np.zeros(n, np.int32)
     class_pixels = np.zeros((n, n_classes), np.int64)
+    boxes = np.zeros((n, 4), np.int32)
     for i, r in enumerate(results):
         if not r.ok:
             continue
@@ -442,6 +451,7 @@ def write_shard(store_url: str, name: str, version: str, shard: int,
             continue
         images[i], masks[i], originals[i, :h, :w] = r.image, r.mask, r.original_mask
         heights[i], widths[i], status[i] = h, w, INGESTED
+        boxes[i] = r.box if r.box is not None else (0, 0, s, s)
         counts = np.bincount(r.original_mask.ravel(), minlength=256)
         class_pixels[i] = counts[:n_classes]
     # Whole-shard writes: each call covers exactly one shard, so no read-modify-write races.
@@ -453,7 +463,26 @@ def write_shard(store_url: str, name: str, version: str, shard: int,
     g["index/height"][start:stop] = heights
     g["index/width"][start:stop] = widths
     g["index/class_pixels"][start:stop] = class_pixels
+    if "resize" in g.attrs:  # versions made before index/box existed resume without it
+        g["index/box"][start:stop] = boxes
     g["shard_done"][shard] = 1
+
+
+def resize_mode(params: dict[str, Any]) -> str:
+    """How a version's images reached the canonical square: "square" (stretched, the default
+    and all that versions before the parameter knew) or "pad" (aspect kept, padded)."""
+    return str(params.get("resize", "square"))
+
+
+def _boxes(group: zarr.Group) -> np.ndarray:
+    """(N, 4) int32 (top, left, height, width) of each image in the canonical square; the
+    whole square in versions older than index/box (all stretched) and for rows not ingested."""
+    n, s = int(group["index/status"].shape[0]), int(group.attrs["size"])
+    full = np.tile(np.asarray([0, 0, s, s], np.int32), (n, 1))
+    if "resize" not in group.attrs:
+        return full
+    boxes = group["index/box"][:]
+    return np.where((boxes[:, 2:3] > 0) & (boxes[:, 3:4] > 0), boxes, full)
 
 
 def _labelled(group: zarr.Group) -> np.ndarray:
@@ -563,6 +592,8 @@ class Dataset:
         self._cache = _ShardCache(cache_bytes)
         self._arrays: dict[str, Any] = {}
         self._sizes = self.index[["height", "width"]].to_numpy()
+        self.resize: str = resize_mode(self.params)
+        self._boxes = _boxes(group)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -623,6 +654,13 @@ class Dataset:
     def original_mask(self, image_id: str) -> np.ndarray:
         h, w = self._sizes[self.row(image_id)]
         return self._read("original_masks", image_id)[:h, :w].copy()
+
+    def box(self, image_id: str) -> tuple[int, int, int, int]:
+        """``(top, left, height, width)`` of the image inside its canonical square: the whole
+        square, or with resize "pad" the part that is not padding. Crop logits to it before
+        upsampling them to ``original_mask``'s size (`tasks.metrics.upsample_logits_to`)."""
+        top, left, h, w = self._boxes[self.row(image_id)]
+        return int(top), int(left), int(h), int(w)
 
 
 class LabelAccessError(AttributeError):
@@ -732,6 +770,7 @@ def inspect_store(store_url: str) -> dict[str, Any]:
                 "latest": parent.attrs.get("latest") == version,
                 "params": a.get("params", {}),
                 "size": a.get("size"),
+                "resize": resize_mode(a.get("params", {})),
                 "classes": a.get("classes", []),
                 "listed": int(status.size),
                 "ingested": int((status == INGESTED).sum()),
