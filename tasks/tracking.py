@@ -9,11 +9,12 @@ migrating a fresh DB at once fail (`duplicate column name`, DESIGN.md).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,34 @@ def runs_url(ui_url: str, experiment_id: str) -> str:
             "?workflowType=machine_learning")
 
 
+@contextlib.contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at `uri` for calls that only use it
+    (mlflow.pytorch.log_model), then put it back: `mlflow.set_tracking_uri` also writes
+    MLFLOW_TRACKING_URI, which later code (and tests) must find as it was."""
+    import mlflow
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # unset: MLflow resolves the variable again
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+@contextlib.contextmanager
+def _quiet(logger: str, level: int = logging.ERROR) -> Iterator[None]:
+    log = logging.getLogger(logger)
+    before = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
+
+
 class Tracker:
     """One MLflow run. Metrics are buffered and sent with `log_batch` (one call per flush),
     since logging them one by one over HTTP costs ~20 ms each."""
@@ -171,23 +200,21 @@ class Tracker:
         in the run's `fss.model_uri` tag. Pickled with the `models/` code beside it: our models
         take an episode (several tensors and `n_ways`), which the default torch.export format
         cannot take from one input example (DESIGN.md). Load with mlflow.pytorch.load_model."""
-        import logging
-
         import mlflow
         import torch
 
         self.flush()
-        mlflow.set_tracking_uri(self.uri)
-        warn = logging.getLogger("mlflow.pytorch")  # "pickle can run code": we know, it is ours
-        level = warn.level
-        warn.setLevel(logging.ERROR)
-        try:
+        # "pickle can run code" is logged as a warning on every call: we know, the code is ours.
+        # Created here, in the run's experiment: log_model alone would create it in MLflow's
+        # active experiment (Default, artifacts under ./mlruns).
+        logged = self.client.create_logged_model(self.experiment_id, name=name,
+                                                 source_run_id=self.run_id)
+        with fluent_tracking_uri(self.uri), _quiet("mlflow.pytorch"):
             info = mlflow.pytorch.log_model(
-                model, name=name, run_id=self.run_id, serialization_format="pickle",
+                model, name=name, run_id=self.run_id, model_id=logged.model_id,
+                serialization_format="pickle",
                 code_paths=[str(PROJECT_DIR / "models")], metadata=dict(metadata or {}),
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"])
-        finally:
-            warn.setLevel(level)
         self.set_tags({MODEL_URI_TAG: info.model_uri})
         return info.model_uri
 
@@ -203,9 +230,13 @@ def register_model(model_uri: str, name: str, alias: str, run_id: str | None = N
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri())
+    # Our client resolves the logged model: MLflow's registry would look a `models:/` source up
+    # through the process-wide tracking URI, not this client's.
+    model_id = model_uri.removeprefix("models:/")
+    logged = client.get_logged_model(model_id)
     try:
         current = client.get_model_version_by_alias(name, alias)
-        if current.source == model_uri:
+        if current.source == logged.artifact_location:
             return str(current.version)
     except MlflowException:
         pass  # no such model or alias yet
@@ -215,7 +246,8 @@ def register_model(model_uri: str, name: str, alias: str, run_id: str | None = N
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = client.create_model_version(name, source=model_uri, run_id=run_id,
-                                          model_id=model_uri.removeprefix("models:/"))
+    version = client.create_model_version(name, source=logged.artifact_location,
+                                          run_id=run_id or logged.source_run_id,
+                                          model_id=model_id)
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)

@@ -4,6 +4,7 @@ spelling of the budget, and result files that are valid JSON."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -41,6 +42,19 @@ def test_runs_url_commit_tag_and_ui_hint(tmp_path: Path, monkeypatch: pytest.Mon
     assert hint.endswith(runs_url("http://127.0.0.1:5000", tracker.experiment_id))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert ui_hint() == "compare runs in the MLflow UI: http://mlflow.example:5000"
+
+
+def test_fluent_tracking_uri_is_put_back(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from tasks.tracking import fluent_tracking_uri
+
+    ours, other = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", ours)
+    with fluent_tracking_uri(other):
+        assert mlflow.get_tracking_uri() == other
+    assert mlflow.get_tracking_uri() == ours and os.environ["MLFLOW_TRACKING_URI"] == ours
 
 
 def test_json_safe_writes_null_for_nan() -> None:
@@ -89,6 +103,11 @@ def test_point_logs_its_data_commit_one_budget_spelling_and_valid_json(
         assert profile["labelled_images"] == run.data.metrics["labels/images"] == len(labelled)
         assert inputs["test"].digest == subset_digest(ds, ds.split_ids("val"))
 
+        # The best model is an MLflow model of the run's own experiment (not Default/mlruns).
+        logged = client.get_logged_model(run.data.tags["fss.model_uri"].removeprefix("models:/"))
+        assert logged.experiment_id == run.info.experiment_id
+        assert logged.source_run_id == run.info.run_id and not (tmp_path / "mlruns").exists()
+
         saved = _strict_json((tmp_path / "runs" / result["run_name"] / RESULT).read_text())
         assert saved["run_id"] == result["run_id"]
         if budget == 0.25:  # 2 held-out images form no episode: nothing selects, no val mIoU
@@ -110,7 +129,12 @@ def test_point_logs_its_data_commit_one_budget_spelling_and_valid_json(
     results = pd.DataFrame([{"model": r.data.tags["model"], "budget": r.data.tags["budget"],
                              "seed": r.data.tags["seed"], "run_id": r.info.run_id}
                             for r in runs])
+    # A stale process-wide MLflow URI (another store's) must not matter: ours is explicit.
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri",
+                        f"sqlite:///{tmp_path / 'elsewhere.db'}")
     registered = register_study_models(results, "my study")
+    monkeypatch.undo()  # the process-wide URI, and MLFLOW_TRACKING_URI with it
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert registered == {"panet": {"name": "fss-panet", "alias": "my-study", "version": "1",
                                     "run_id": result["run_id"]}}  # the 100 % point
     assert register_study_models(results, "my study") == registered  # no new version
