@@ -268,3 +268,22 @@ def test_unlabelled_images_are_turned_too(photos, tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds.image("turned6"), img)
     assert (ds.original_mask("turned6") == 255).all() and ds.original_mask("turned6").shape == (
         64, 48)
+
+
+@pytest.mark.xfail(strict=True, reason="tasks/training.py:evaluate must pass box=ep.query_box "
+                                       "to upsample_logits_to (then drop this mark)")
+def test_evaluate_scores_a_padded_dataset_like_a_stretched_one(streets) -> None:
+    """A parameter-free colour model scores the same images about equally whether they were
+    stretched or padded, once evaluation crops the padding before upsampling."""
+    from models.baselines import ColourHistogram
+    from tasks.training import evaluate
+
+    _, url, _, _ = streets
+    miou = {}
+    for mode in ("square", "pad"):
+        ds = store.open_dataset(url, mode)
+        sampler = EpisodeSampler(ds, split="val", classes=[2, 3], min_pixels=40, seed=5)
+        miou[mode] = evaluate(ColourHistogram(), sampler, episodes=24, class_names=ds.classes,
+                              device=torch.device("cpu")).miou
+    assert miou["square"] > 0.3
+    assert abs(miou["pad"] - miou["square"]) < 0.05, miou
