@@ -156,6 +156,12 @@ def test_report_takes_a_tracking_uri_and_names_what_is_missing(
     from flows.cli import main
     from tasks import report
 
+    # main() quiets Prefect and Dask through the environment (os.environ.setdefault) and
+    # handles SIGTERM: keep both to this test (a Dask worker log without INFO lines fails
+    # tests/test_infra.py's registration check).
+    monkeypatch.setenv("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")  # what main() sets,
+    monkeypatch.setenv("DASK_LOGGING__DISTRIBUTED", "warning")  # undone after the test
+    monkeypatch.setattr("signal.signal", lambda *a: None)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     missing = tmp_path / "nowhere" / "mlflow.db"
