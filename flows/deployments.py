@@ -65,14 +65,16 @@ def ingest_deployment(source: str = "voc", root: str = "data/synth/voc",
                       store_url: str = "data/store.zarr", name: str = "synth",
                       splits: list[str] | None = None, size: int = 144, shard_size: int = 64,
                       classes_file: str | None = None, list_file: str | None = None,
-                      workers: int = 2, dask_address: str | None = None) -> dict[str, Any]:
+                      workers: int = 2, dask_address: str | None = None,
+                      resize: str = "square") -> dict[str, Any]:
     """Ingest a VOC- or COCO-format dataset into the store (one Dask task per shard)."""
     from flows.ingest import run_ingest
 
     return run_ingest(workers=workers, dask_address=dask_address, source=source,
                       root=str(Path(root).resolve()), store_url=store_url, name=name,
                       splits=splits, size=size, shard_size=shard_size,
-                      classes_file=classes_file, list_file=list_file, progress=False)
+                      classes_file=classes_file, list_file=list_file, progress=False,
+                      resize=resize)
 
 
 @flow(name="fss-features", flow_run_name="features {name}")
