@@ -202,7 +202,8 @@ def evaluate(model: nn.Module, sampler: EpisodeSampler, *, episodes: int,
         for k, ep in enumerate(batch_eps):
             if scoring == "pfenet":
                 target = ep.query_original_mask
-                pred = upsample_logits_to(logits[k:k + 1], target.shape).argmax(1)[0]
+                pred = upsample_logits_to(logits[k:k + 1], target.shape,
+                                          box=ep.query_box).argmax(1)[0]
             else:
                 target, pred = ep.query_mask, logits[k].argmax(0)
             pred = pred.cpu().numpy().astype(np.uint8)

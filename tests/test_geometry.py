@@ -270,8 +270,6 @@ def test_unlabelled_images_are_turned_too(photos, tmp_path: Path) -> None:
         64, 48)
 
 
-@pytest.mark.xfail(strict=True, reason="tasks/training.py:evaluate must pass box=ep.query_box "
-                                       "to upsample_logits_to (then drop this mark)")
 def test_evaluate_scores_a_padded_dataset_like_a_stretched_one(streets) -> None:
     """A parameter-free colour model scores the same images about equally whether they were
     stretched or padded, once evaluation crops the padding before upsampling."""
