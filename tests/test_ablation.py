@@ -86,6 +86,13 @@ def test_ablation_tracks_parent_and_children_and_resumes(
         assert {"test/miou", "test/fbiou"} <= set(child.data.metrics)
     assert sorted(c.data.tags["budget"] for c in children) == ["0", "0.5", "1"]
     summary = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
-    assert {"summary/summary.csv", "summary/summary.md", "summary/miou_vs_budget.png"} <= summary
+    assert {"summary/summary.csv", "summary/summary.md", "summary/miou_vs_budget.png",
+            "summary/estimate.csv", "summary/summary_table.json"} <= summary
+    # Per-budget mIoU with its interval on the parent run, from the children's episodes.
+    metrics = parent.data.metrics
+    assert {"summary/metasegnet/1w1s/b0.5/miou", "summary/metasegnet/1w1s/b0.5/miou_lo",
+            "summary/metasegnet/1w1s/b0.5/miou_hi"} <= set(metrics)
+    assert (metrics["summary/metasegnet/1w1s/b0.5/miou_lo"]
+            < metrics["summary/metasegnet/1w1s/b0.5/miou_hi"])
     assert "| metasegnet | 1 | 1 | 50 % |" in wider["table"]
     assert wider["table"].count("| metasegnet |") == 3
