@@ -58,7 +58,7 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
     client = MlflowClient(uri)
     location, lock = None, contextlib.nullcontext()
     if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
+        db = Path(uri.removeprefix("sqlite:///")).absolute()
         location = (db.parent / DEFAULT_ARTIFACTS).as_uri()  # beside the DB, whatever the cwd
         # The first access migrates a fresh DB; two processes migrating at once corrupt it
         # (DESIGN.md), so creation is serialised across processes.

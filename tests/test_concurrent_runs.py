@@ -43,3 +43,11 @@ def test_three_runs_of_one_point_on_a_fresh_db(tiny_store: str, tmp_path: Path,
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED" and "test/miou" in run.data.metrics
     client.create_experiment("still-works")  # the DB is usable afterwards
+
+
+def test_a_relative_sqlite_uri_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.tracking import ensure_experiment
+
+    monkeypatch.chdir(tmp_path)
+    assert ensure_experiment("rel", "sqlite:///data/mlflow.db")
+    assert (tmp_path / "data" / "mlflow.db").exists()
