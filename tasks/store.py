@@ -197,9 +197,10 @@ def _group_or_none(root: zarr.Group, path: str) -> zarr.Group | None:
     return node if isinstance(node, zarr.Group) else None
 
 
-def version_problems(group: zarr.Group) -> list[str]:
+def version_problems(group: zarr.Group, keys: Sequence[str] | None = None) -> list[str]:
     """What is wrong with a dataset version: [] when it was created and every array opens
-    with its rows (a version counts as existing, and as complete, only then)."""
+    with its rows (a version counts as existing, and as complete, only then). ``keys`` limits
+    the check to those arrays (a label-free reader must not even open a label array)."""
     attrs = group.attrs
     if not attrs.get("created"):
         return ["its creation never finished"]
@@ -210,7 +211,7 @@ def version_problems(group: zarr.Group) -> list[str]:
     # images are unlabelled); older versions have every image labelled.
     optional = (("index/labelled",) if "unlabelled" in attrs else ()) + (
         ("index/box",) if "resize" in attrs else ())
-    for key in _VERSION_ARRAYS + optional:
+    for key in keys if keys is not None else _VERSION_ARRAYS + optional:
         try:
             array = group[key]
         except Exception as exc:  # noqa: BLE001 - any failure to open is the finding
@@ -677,11 +678,13 @@ class UnlabelledImages:
     `LabelAccessError`. Opens the arrays ``images`` and ``index/{id,split,status}`` only.
     """
 
+    _ARRAYS = ("images", "index/id", "index/split", "index/status")
+
     def __init__(self, store_url: str, name: str, version: str | None = None, *,
                  cache_bytes: int = 1 << 30) -> None:
         version = resolve_version(store_url, name, version)
         group = _root(store_url, mode="r")[_version_path(name, version)]
-        _require_sound(group, name, version)
+        _require_sound(group, name, version, keys=self._ARRAYS)
         self.name, self.version = name, version
         self.size = int(group.attrs["size"])
         self._shard_size = int(group.attrs["shard_size"])
@@ -733,8 +736,9 @@ def open_dataset(store_url: str, name: str, version: str | None = None, *,
     return Dataset(group, cache_bytes)
 
 
-def _require_sound(group: zarr.Group, name: str, version: str) -> None:
-    problems = version_problems(group)
+def _require_sound(group: zarr.Group, name: str, version: str,
+                   keys: Sequence[str] | None = None) -> None:
+    problems = version_problems(group, keys)
     if problems:
         raise StoreError(f"dataset version {name}/{version} is damaged ({problems[0]}): "
                          "rerun its ingest to rebuild it")
