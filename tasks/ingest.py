@@ -21,8 +21,9 @@ from tasks.readers import BadItem, DatasetError, Item, Reader
 
 DEFAULT_SIZE = 144
 DEFAULT_SHARD_SIZE = 64
-# Larger images are quarantined: a shard of original-size masks is allocated at the dataset's
-# largest listed image (8000x8000 here; Pillow itself refuses 179 Mpx as a decompression bomb).
+# Larger images are quarantined: decoding one takes its pixels x 4 bytes (RGB and label) at
+# least (Pillow itself refuses 179 Mpx as a decompression bomb). Original-size masks are
+# stored ragged, each at its own size, so other images never pay for the largest one.
 DEFAULT_MAX_PIXELS = 64_000_000
 # How an image reaches the canonical S x S square: "square" stretches it (HSNet's choice, the
 # default); "pad" keeps its aspect ratio, the longest side becoming S, and pads the rest at the
@@ -56,8 +57,8 @@ def plan_ingest(readers: Sequence[Reader], name: str, *, size: int = DEFAULT_SIZ
                 max_pixels: int = DEFAULT_MAX_PIXELS, resize: str = "square") -> IngestPlan:
     """List every split's items (fails fast on a wrong root) and derive the dataset version.
 
-    Items over ``max_pixels`` (by their file header) are quarantined; the layout is sized by
-    the largest remaining image whose size its header confirmed. ``resize`` ("square" or
+    Items over ``max_pixels`` (by their file header) are quarantined; the shard writer also
+    quarantines a decoded label over it. ``resize`` ("square" or
     "pad", `RESIZE_MODES`) is a parameter of the version (a "pad" ingest is a new version).
     """
     store.validate_name(name)
@@ -87,9 +88,6 @@ def plan_ingest(readers: Sequence[Reader], name: str, *, size: int = DEFAULT_SIZ
               "max_pixels": max_pixels}
     if resize != "square":  # the default stays out, so versions ingested before keep their id
         params["resize"] = resize
-    sized = [i for i in items if i.height and i.width and not i.quarantine]
-    heights = [i.height for i in sized]
-    widths = [i.width for i in sized]
     spec = store.DatasetSpec(
         name=name,
         version=store.version_id(params, fingerprint),
@@ -100,8 +98,6 @@ def plan_ingest(readers: Sequence[Reader], name: str, *, size: int = DEFAULT_SIZ
         ids=[i.id for i in items],
         splits=[i.split for i in items],
         source_paths=[i.image_path for i in items],
-        max_height=max(heights, default=size),
-        max_width=max(widths, default=size),
         params=params,
         fingerprint=fingerprint,
         source={"readers": [r.describe() for r in readers]},

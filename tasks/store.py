@@ -6,7 +6,9 @@ Layout (Zarr v3, a local folder or any fsspec URL)::
     <store>/datasets/<name>/<version>/        attrs: params, source fingerprint, classes, summary
         images            (N, S, S, 3) uint8   canonical size; uncompressed (photos barely compress)
         masks             (N, S, S)    uint8   class ids at canonical size, 255 = ignore
-        original_masks    (N, Hmax, Wmax) uint8 labels at their original size, padded with 255
+        original_masks    (N,) bytes   each label at its own original size (h, w) uint8,
+                                      zstd-compressed on its own (ragged: layout 2; in
+                                      layout 1, (N, Hmax, Wmax) uint8 padded with 255)
         index/id, index/split, index/source_path      (N,) str, written once at creation
         index/status      (N,) uint8  0 pending, 1 ingested, 2 quarantined
         index/reason      (N,) str    why an item was quarantined
@@ -50,6 +52,7 @@ import shutil
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,15 +63,29 @@ import numpy as np
 import pandas as pd
 import zarr
 from filelock import FileLock
+from numcodecs import Zstd
 from zarr.codecs import ZstdCodec
-from zarr.errors import ContainsArrayAndGroupError, ContainsArrayError, ContainsGroupError
+from zarr.dtype import VariableLengthBytes
+from zarr.errors import (
+    ContainsArrayAndGroupError,
+    ContainsArrayError,
+    ContainsGroupError,
+    UnstableSpecificationWarning,
+)
 
-LAYOUT_VERSION = 1
+# Layout of a dataset version. 2: original_masks ragged (one compressed blob per row), so
+# memory follows the image at hand; 1: padded to the dataset's largest image (still read).
+# Part of the version id: a rerun of an ingest made under layout 1 makes a new version.
+LAYOUT_VERSION = 2
+DERIVED_LAYOUT_VERSION = 1  # derived groups did not change: their keys stay what they were
 DATASETS = "datasets"
 PENDING, INGESTED, QUARANTINED = 0, 1, 2
 IGNORE = 255
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no "\n" slips by
 _MASK_CODEC = ZstdCodec(level=3)  # masks compress 40-190x; images are stored raw
+_BLOB_CODEC = Zstd(level=3)  # the same, applied by the writer to each original mask on its own
+ORIGINAL_MASK_ENCODING = ("zstd frame of the label's (height, width) uint8 pixels in C order; "
+                          "height and width in index/height and index/width")
 # Local stores only: groups under construction (<store>/.staging/<unique>) and the locks that
 # serialise read-modify-writes of a dataset's attributes (<store>/.locks/<name>.lock).
 # Neither is a Zarr node, so listings of the store never show them.
@@ -118,8 +135,6 @@ class DatasetSpec:
     ids: list[str]
     splits: list[str]
     source_paths: list[str]
-    max_height: int
-    max_width: int
     params: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
     source: dict[str, Any] = field(default_factory=dict)
@@ -379,9 +394,12 @@ def _build_version(g: zarr.Group, spec: DatasetSpec) -> None:
         compressors=None)
     arr("masks", (n, s, s), "uint8", (1, s, s), IGNORE, shards=(rows, s, s),
         compressors=_MASK_CODEC)
-    hmax, wmax = spec.max_height, spec.max_width
-    arr("original_masks", (n, hmax, wmax), "uint8", (1, hmax, wmax), IGNORE,
-        shards=(rows, hmax, wmax), compressors=_MASK_CODEC)
+    # Ragged: one blob per row (the row's own (h, w) label, zstd-compressed by the writer), so
+    # neither a writer nor a reader ever holds more than the labels of the rows at hand.
+    with warnings.catch_warnings():  # zarr-python calls the data type's spec unstable
+        warnings.simplefilter("ignore", UnstableSpecificationWarning)
+        arr("original_masks", (n,), VariableLengthBytes(), (1,), b"", shards=(rows,),
+            compressors=None, attributes={"encoding": ORIGINAL_MASK_ENCODING})
     for key, values in (("id", spec.ids), ("split", spec.splits),
                         ("source_path", spec.source_paths)):
         arr(f"index/{key}", (n,), str, (rows,), "")[:] = np.asarray(values, dtype=str)
@@ -426,19 +444,23 @@ def write_shard(store_url: str, name: str, version: str, shard: int,
                 results: Sequence[ItemResult]) -> None:
     """Write all rows of one shard, then mark it done. The caller owns the whole shard."""
     g = _root(store_url)[_version_path(name, version)]
+    if _layout(g) < 2:
+        raise StoreError(f"{name}/{version} has the padded layout {_layout(g)} of an older "
+                         "version of this tool: it is read, not written; rerun its ingest, "
+                         "which makes a new version")
     rows = int(g.attrs["shard_size"])
     start = shard * rows
     stop = start + len(results)
     if stop > g["images"].shape[0] or (stop - start != rows and stop != g["images"].shape[0]):
         raise StoreError(f"shard {shard} of {name}/{version} must hold rows {start}..{stop}")
     n, s = len(results), int(g.attrs["size"])
-    hmax, wmax = g["original_masks"].shape[1:]
+    max_pixels = g.attrs["params"].get("max_pixels")
     n_classes = g["index/class_pixels"].shape[1]
     images = np.zeros((n, s, s, 3), np.uint8)
     masks = np.full((n, s, s), IGNORE, np.uint8)
-    originals = np.full((n, hmax, wmax), IGNORE, np.uint8)
+    originals = np.full(n, b"", dtype=object)  # compressed, one label at a time
     status = np.full(n, QUARANTINED, np.uint8)
-    reasons = np.asarray([r.reason for r in results], dtype=str)
+    reasons = [r.reason for r in results]
     heights = np.zeros(n, np.int32)
     widths = np.zeros(n, np.int32)
     class_pixels = np.zeros((n, n_classes), np.int64)
@@ -447,10 +469,13 @@ def write_shard(store_url: str, name: str, version: str, shard: int,
         if not r.ok:
             continue
         h, w = r.original_mask.shape
-        if h > hmax or w > wmax:
-            status[i], reasons[i] = QUARANTINED, f"label {w}x{h} exceeds the listed maximum"
+        if max_pixels is not None and h * w > max_pixels:  # the header said less
+            status[i], reasons[i] = QUARANTINED, (
+                f"label {w}x{h} has {h * w:,} pixels, over the limit of {max_pixels:,} "
+                "(max_pixels)")
             continue
-        images[i], masks[i], originals[i, :h, :w] = r.image, r.mask, r.original_mask
+        images[i], masks[i] = r.image, r.mask
+        originals[i] = encode_original_mask(r.original_mask)
         heights[i], widths[i], status[i] = h, w, INGESTED
         boxes[i] = r.box if r.box is not None else (0, 0, s, s)
         counts = np.bincount(r.original_mask.ravel(), minlength=256)
@@ -460,13 +485,31 @@ def write_shard(store_url: str, name: str, version: str, shard: int,
     g["masks"][start:stop] = masks
     g["original_masks"][start:stop] = originals
     g["index/status"][start:stop] = status
-    g["index/reason"][start:stop] = reasons
+    g["index/reason"][start:stop] = np.asarray(reasons, dtype=str)
     g["index/height"][start:stop] = heights
     g["index/width"][start:stop] = widths
     g["index/class_pixels"][start:stop] = class_pixels
     if "resize" in g.attrs:  # versions made before index/box existed resume without it
         g["index/box"][start:stop] = boxes
     g["shard_done"][shard] = 1
+
+
+def encode_original_mask(mask: np.ndarray) -> bytes:
+    """One original-size label as stored in a layout-2 ``original_masks`` row."""
+    return bytes(_BLOB_CODEC.encode(np.ascontiguousarray(mask, dtype=np.uint8)))
+
+
+def decode_original_mask(blob: bytes, height: int, width: int, where: str = "") -> np.ndarray:
+    """The (height, width) uint8 label of a layout-2 ``original_masks`` row."""
+    raw = _BLOB_CODEC.decode(bytes(blob)) if len(blob) else b""
+    if len(raw) != height * width:
+        raise StoreError(f"{where or 'an original mask'}: {len(raw)} bytes stored for a "
+                         f"{width}x{height} label: the version is damaged, rerun its ingest")
+    return np.frombuffer(raw, np.uint8).reshape(height, width).copy()
+
+
+def _layout(group: zarr.Group) -> int:
+    return int(group.attrs.get("layout", 1))
 
 
 def resize_mode(params: dict[str, Any]) -> str:
@@ -595,6 +638,7 @@ class Dataset:
         self._sizes = self.index[["height", "width"]].to_numpy()
         self.resize: str = resize_mode(self.params)
         self._boxes = _boxes(group)
+        self._layout = _layout(group)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -653,8 +697,19 @@ class Dataset:
         return self._read("masks", image_id).copy()
 
     def original_mask(self, image_id: str) -> np.ndarray:
-        h, w = self._sizes[self.row(image_id)]
-        return self._read("original_masks", image_id)[:h, :w].copy()
+        """(h, w) uint8: the label at its own original size. Reads and decodes this one row
+        (layout 2), so memory follows this label, whatever the other images' sizes."""
+        row = self.row(image_id)
+        h, w = (int(v) for v in self._sizes[row])
+        if self._layout < 2:  # padded to the dataset's largest image: whole shards, cached
+            return self._read("original_masks", image_id)[:h, :w].copy()
+        if "original_masks" not in self._arrays:
+            self._arrays["original_masks"] = self.group["original_masks"]
+        # A slice, not [row]: zarr 3.1.6 reads one element of a bytes array as a numpy 'S'
+        # scalar, which drops trailing zero bytes (and a zstd frame may end with one).
+        blob = self._arrays["original_masks"][row:row + 1][0]
+        return decode_original_mask(blob, h, w,
+                                    f"{self.name}/{self.version} original mask of {image_id!r}")
 
     def box(self, image_id: str) -> tuple[int, int, int, int]:
         """``(top, left, height, width)`` of the image inside its canonical square: the whole
@@ -797,7 +852,7 @@ def inspect_store(store_url: str) -> dict[str, Any]:
 # Shard-level reads of a dataset version, for stages that must not touch more than they need
 # (features and clustering read images and the index only, never a label array).
 
-_ROW_ARRAYS = ("images", "masks", "original_masks")
+_ROW_ARRAYS = ("images", "masks")  # original masks are ragged: `Dataset.original_mask`
 _INDEX_COLUMNS = ("id", "split", "status", "height", "width")
 
 
@@ -838,9 +893,12 @@ def read_index(store_url: str, name: str, version: str, shard: int | None = None
 
 def read_dataset_shard(store_url: str, name: str, version: str, array: str,
                        shard: int) -> np.ndarray:
-    """All rows of one shard of ``images``, ``masks`` or ``original_masks`` (one whole read)."""
+    """All rows of one shard of ``images`` or ``masks`` (one whole read). Original-size
+    masks are read one at a time (`Dataset.original_mask`): a shard of them is as large as
+    its largest image."""
     if array not in _ROW_ARRAYS:
-        raise ValueError(f"unknown dataset array {array!r}; known: {_ROW_ARRAYS}")
+        raise ValueError(f"unknown dataset array {array!r}; known: {_ROW_ARRAYS} (original "
+                         "masks: Dataset.original_mask, one at a time)")
     g = _root(store_url, mode="r")[_version_path(name, version)]
     rows = int(g.attrs["shard_size"])
     return g[array][shard * rows:(shard + 1) * rows]
@@ -878,8 +936,8 @@ def _check_kind(kind: str, what: str = "derived kind") -> str:
 
 def derived_key(kind: str, params: dict[str, Any]) -> str:
     """``<kind>-<hash of params>``: the same stage with the same inputs gets the same key."""
-    blob = json.dumps({"layout": LAYOUT_VERSION, "kind": _check_kind(kind), "params": params},
-                      sort_keys=True)
+    blob = json.dumps({"layout": DERIVED_LAYOUT_VERSION, "kind": _check_kind(kind),
+                       "params": params}, sort_keys=True)
     return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -929,7 +987,7 @@ def create_derived(store_url: str, name: str, version: str, kind: str, params: d
                        fill_value=0)
         g.attrs.update({
             **(attrs or {}),
-            "layout": LAYOUT_VERSION,
+            "layout": DERIVED_LAYOUT_VERSION,
             "kind": kind,
             "key": key,
             "dataset": {"name": name, "version": version},

@@ -219,8 +219,7 @@ def test_a_store_with_repeated_ids_is_refused(tmp_path: Path) -> None:
     spec = store.DatasetSpec(
         name="old", version="v-000000000000", size=16, shard_size=4,
         classes=["background", "x"], source_ids=[0, 1], ids=["1", "2", "1"],
-        splits=["train", "train", "val"], source_paths=["a", "b", "c"], max_height=16,
-        max_width=16)
+        splits=["train", "train", "val"], source_paths=["a", "b", "c"])
     url = str(tmp_path / "s.zarr")
     store.create_dataset(url, spec)
     ok = store.ItemResult(image=np.zeros((16, 16, 3), np.uint8),
@@ -362,15 +361,13 @@ def test_a_json_size_claim_is_checked_against_the_file(tmp_path: Path) -> None:
     root = tmp_path / "coco"
     _coco(root, "train", [(1, "a.jpg"), (2, "b.jpg"), (3, "c.jpg")],
           claimed={2: (20000, 20000)})
-    plan = ingest.plan_ingest([make_reader("coco", root, "train")], "d", size=16)
-    # Checked before anything is allocated: the layout follows the files, not the claim.
-    assert (plan.spec.max_height, plan.spec.max_width) == (20, 30)
+    # Checked while listing, before anything is decoded: the claim sizes nothing.
     url = str(tmp_path / "s.zarr")
     _, summary = _ingest([make_reader("coco", root, "train")], url)
     assert (summary["ingested"], summary["quarantined"]) == (2, 1)
     ds = store.open_dataset(url, "d")
-    assert ds.group["original_masks"].shape == (3, 20, 30)
     assert ds.quarantine.at[0, "reason"] == "image 30x20 != annotated size 20000x20000"
+    assert [ds.original_mask(i).shape for i in ds.ids] == [(20, 30), (20, 30)]
 
 
 def test_images_over_the_pixel_limit_are_quarantined(tmp_path: Path) -> None:
@@ -383,10 +380,123 @@ def test_images_over_the_pixel_limit_are_quarantined(tmp_path: Path) -> None:
     (root / "annotations" / "instances_train.json").write_text(json.dumps(data))
     readers = [make_reader("coco", root, "train")]
     plan = ingest.plan_ingest(readers, "d", size=16, max_pixels=1000)
-    assert (plan.spec.max_height, plan.spec.max_width) == (20, 30)
     assert plan.spec.params["max_pixels"] == 1000
+    assert [bool(i.quarantine) for i in plan.items] == [False, False, True]
     url = str(tmp_path / "s.zarr")
     _, summary = _ingest(readers, url, max_pixels=1000)
     assert (summary["ingested"], summary["quarantined"]) == (2, 1)
     reason = store.open_dataset(url, "d").quarantine.at[0, "reason"]
     assert reason == "image 80x60 has 4,800 pixels, over the limit of 1,000 (max_pixels)"
+
+
+def _voc_sizes(root: Path, sizes: dict[str, tuple[int, int]]) -> Path:
+    """A VOC train split whose images have their own (height, width); blocky masks."""
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for n, (stem, (h, w)) in enumerate(sizes.items()):
+        Image.fromarray(np.full((h, w, 3), 40 + n, np.uint8)).save(
+            root / "JPEGImages" / f"{stem}.jpg")
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 4: h // 2 + n % 5, w // 3: w - 2] = 1 + n % 3
+        mask[: h // 8, : w // 8] = 255
+        Image.fromarray(mask, mode="P").save(root / "SegmentationClass" / f"{stem}.png")
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(sizes))
+    return root
+
+
+def _peak_bytes(fn) -> tuple[object, int]:
+    """``fn()`` and the peak of Python-tracked memory (numpy buffers included) it allocated."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def test_original_masks_are_ragged_so_memory_follows_the_image_at_hand(tmp_path: Path) -> None:
+    """One large image among small ones (issue 12: one 8000x8000 among 144-px images took a
+    worker to 5.1 GB, and reading a small original mask of its shard to 8 GB): neither the
+    ingest nor a read of a small label pays for the large one."""
+    small_hw, big_hw, shard = (64, 72), (1500, 2000), 64
+    sizes = {f"s{k:02d}": small_hw for k in range(shard - 1)}
+    sizes["big"] = big_hw
+    sizes = dict(sorted(sizes.items()))  # the big one in the middle of the one shard
+    root = _voc_sizes(tmp_path / "voc", sizes)
+    url = str(tmp_path / "s.zarr")
+    summary, ingest_peak = _peak_bytes(lambda: ingest.ingest_dataset(
+        "voc", str(root), url, "d", splits=["train"], size=32, shard_size=shard))
+    assert summary["ingested"] == shard and summary["shards"] == 1
+    big_pixels = big_hw[0] * big_hw[1]
+    padded_shard = shard * big_pixels  # what the padded layout allocated for original masks
+    small_shard = shard * small_hw[0] * small_hw[1]
+    # The ingest holds the big image's decode (RGB, label and their working copies: 9 bytes
+    # a pixel measured), not a shard of labels padded to its size.
+    assert ingest_peak < 12 * big_pixels < padded_shard / 4, (ingest_peak, padded_shard)
+
+    ds = store.open_dataset(url, "d")
+    assert ds.group.attrs["layout"] == store.LAYOUT_VERSION == 2
+    assert ds.group["original_masks"].shape == (shard,)
+    reader = make_reader("voc", root, "train")
+    for item in reader.list_items():  # every label exactly as the source has it
+        np.testing.assert_array_equal(ds.original_mask(item.id), reader.load(item)[1])
+    ds = store.open_dataset(url, "d")  # a fresh reader: nothing cached
+    ds.original_mask("s00")  # opens the array (its metadata) once
+    mask, read_peak = _peak_bytes(lambda: ds.original_mask("s01"))
+    assert mask.shape == small_hw
+    # This one label and zarr's reading of its chunk: under one shard of small labels (25 KB
+    # of 295 KB measured); the padded layout decoded the whole 192 MB shard.
+    assert read_peak < small_shard < padded_shard / 100, (read_peak, small_shard)
+
+
+def test_a_padded_layout_1_version_is_still_read(tmp_path: Path) -> None:
+    """Versions ingested before ragged original masks (layout 1: padded to the largest image)
+    open and read as before; only a rerun of their ingest makes a layout-2 version."""
+    sizes = {"a": (20, 30), "b": (40, 24), "c": (16, 16)}
+    root = _voc_sizes(tmp_path / "voc", sizes)
+    url = str(tmp_path / "s.zarr")
+    plan, _ = _ingest([make_reader("voc", root, "train")], url, shard_size=2)
+    ds = store.open_dataset(url, "d")
+    labels = {i: ds.original_mask(i) for i in ds.ids}
+    # Turn it into what layout 1 wrote: (N, Hmax, Wmax) uint8 padded with 255.
+    group = zarr.open_group(str(Path(url) / "datasets" / "d" / plan.spec.version), mode="a")
+    del group["original_masks"]
+    padded = np.full((3, 40, 30), store.IGNORE, np.uint8)
+    for row, image_id in enumerate(ds.ids):
+        h, w = labels[image_id].shape
+        padded[row, :h, :w] = labels[image_id]
+    group.create_array("original_masks", shape=padded.shape, dtype="uint8",
+                       chunks=(1, 40, 30), shards=(2, 40, 30), fill_value=store.IGNORE)[:] = padded
+    group.attrs["layout"] = 1
+    old = store.open_dataset(url, "d")
+    for image_id, label in labels.items():
+        np.testing.assert_array_equal(old.original_mask(image_id), label)
+    with pytest.raises(store.StoreError, match="padded layout 1 .* rerun its ingest"):
+        store.write_shard(url, "d", plan.spec.version, 0, [])
+
+
+def test_a_decoded_label_over_the_pixel_limit_is_quarantined_by_the_writer(
+        tmp_path: Path) -> None:
+    """The header guard's backstop: what was decoded, not what was claimed, is checked."""
+    spec = store.DatasetSpec(
+        name="d", version="v-000000000001", size=16, shard_size=2, classes=["background", "x"],
+        source_ids=[0, 1], ids=["a", "b"], splits=["train", "train"], source_paths=["a", "b"],
+        params={"max_pixels": 400})
+    url = str(tmp_path / "s.zarr")
+    store.create_dataset(url, spec)
+
+    def item(h: int, w: int) -> store.ItemResult:
+        return store.ItemResult(image=np.zeros((16, 16, 3), np.uint8),
+                                mask=np.zeros((16, 16), np.uint8),
+                                original_mask=np.ones((h, w), np.uint8))
+
+    store.write_shard(url, "d", spec.version, 0, [item(20, 20), item(20, 21)])
+    store.finalize_dataset(url, "d", spec.version)
+    ds = store.open_dataset(url, "d")
+    assert ds.ids == ["a"] and (ds.original_mask("a") == 1).all()
+    assert ds.quarantine.at[0, "reason"] == (
+        "label 21x20 has 420 pixels, over the limit of 400 (max_pixels)")
