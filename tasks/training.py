@@ -150,7 +150,33 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint written by `save_checkpoint`, loaded with ``weights_only`` (a file that
+    would run code when unpickled is refused). A file that is not one (garbage, truncated,
+    empty, or pickled objects that are not weights) raises a ValueError naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # the disk's or the path's fault, not the file's content: the CLI says which
+    except Exception as exc:  # noqa: BLE001 - a damaged file fails in any of many ways
+        # (UnpicklingError, EOFError, RuntimeError from the zip reader, IndexError, ...)
+        import re
+
+        text = str(exc)
+        if text.startswith("Weights only load failed"):  # torch's refusal, at length: its
+            # reason is the paragraph between the advice and the pointer to the docs
+            parts = [p for p in re.split(r"\n\s*\n", text)[1:]
+                     if p.strip() and not p.strip().startswith("Check the documentation")]
+            text = " ".join(parts).split("WeightsUnpickler error:")[-1] or text
+        detail = " ".join(text.split())
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        what = "an empty file" if size == 0 else (
+            f"{type(exc).__name__}: {detail[:200]}" if detail else type(exc).__name__)
+        raise ValueError(f"{path}: not a readable checkpoint ({what}); it is truncated, "
+                         "damaged, or was not written by this tool") from exc
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path}: not a checkpoint of this tool (no 'model' entry; keys: "
+                         f"{list(state)[:5] if isinstance(state, dict) else type(state).__name__})")
+    return state
 
 
 # --- evaluation --------------------------------------------------------------------------------
