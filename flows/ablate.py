@@ -74,7 +74,8 @@ def ablation_flow(study: dict[str, Any], overrides: list[str] | None = None,
     folder = Path(out_dir) / spec.name
     summary = report.build_summary(results, report.load_episodes(results))
     paths = report.write_summary(summary, results, folder,
-                                 title=f"{spec.name}: mIoU vs labelled images")
+                                 title=f"{spec.name}: mIoU vs labelled images",
+                                 points=report.load_point_artifacts(results))
     _log_summary(parent, summary, paths)
     registered = register_study_models(results, spec.name)
     for model, r in registered.items():

@@ -242,11 +242,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     name = run.data.tags.get(report.STUDY_TAG, "study")
     summary = report.build_summary(results, report.load_episodes(results))
     paths = report.write_summary(summary, results, Path(args.out) / name,
-                                 title=f"{name}: mIoU vs labelled images")
+                                 title=f"{name}: mIoU vs labelled images",
+                                 points=report.load_point_artifacts(results))
     status = run.info.status.lower()
     print(f"ablation {name} ({status}): {len(results)} finished points")
     print(report.to_markdown(summary))
     print(f"plot: {paths['plot']}")
+    print(f"HTML report (tables, plot, per-class IoU, overlays): {paths['html']}")
     return 0
 
 
@@ -347,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--dask-address", help="existing Dask scheduler (or env FSS_DASK_ADDRESS)")
     a.set_defaults(func=cmd_ablate)
 
-    r = sub.add_parser("report", help="summary tables (95 %% intervals, budget estimate) and plot "
-                                      "of an ablation (also running)")
+    r = sub.add_parser("report", help="summary tables (95 %% intervals, budget estimate), plot "
+                                      "and HTML report of an ablation (also running)")
     r.add_argument("--experiment", required=True, help="MLflow experiment of the study")
     r.add_argument("--study", help="study name (default: the latest ablation)")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or "

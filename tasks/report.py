@@ -10,6 +10,9 @@ artifact existed still get their mean, with "n/a" intervals.
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import math
 import os
 from collections.abc import Mapping
@@ -30,6 +33,8 @@ CLASS_TAGS = {"scored_classes": "test.classes", "dropped_classes": "test.dropped
 METRIC_COLUMNS = {"miou": "test/miou", "fbiou": "test/fbiou", "labels_images": "labels/images",
                   "labels_pixels": "labels/pixels"}
 EPISODES_ARTIFACT = "eval/test/episodes.csv"
+PER_CLASS_ARTIFACT = "eval/test/per_class_iou.csv"
+OVERLAYS_ARTIFACT = "eval/test/overlays.png"
 GROUP = ["model", "ways", "shots"]
 # A run's mIoU recomputed from its episode rows must match its logged test/miou.
 MIOU_TOLERANCE = 1e-6
@@ -109,6 +114,36 @@ _EPISODES: dict[str, pd.DataFrame] = {}
 _PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
+def _download(run_id: str, artifact: str, cache_dir: Path | None = None) -> bytes | None:
+    """One artifact of a run, or None when the run has none. ``cache_dir`` keeps the file
+    (under ``cache_dir/run_id``); without it the download goes to a temporary folder."""
+    import tempfile
+
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking import tracking_uri
+
+    # One progress bar per run would bury the report.
+    quiet = os.environ.get(_PROGRESS_BAR)
+    os.environ[_PROGRESS_BAR] = "false"
+    try:
+        with tempfile.TemporaryDirectory(prefix="fss-report-") as tmp:
+            dst = Path(tmp) if cache_dir is None else cache_dir / run_id
+            dst.mkdir(parents=True, exist_ok=True)
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact, dst_path=str(dst),
+                tracking_uri=tracking_uri())
+            return Path(path).read_bytes()
+    except (MlflowException, OSError):
+        return None
+    finally:
+        if quiet is None:
+            del os.environ[_PROGRESS_BAR]
+        else:
+            os.environ[_PROGRESS_BAR] = quiet
+
+
 def run_episodes(run_id: str, cache_dir: Path | None = None) -> pd.DataFrame | None:
     """A run's `EPISODES_ARTIFACT` (None when the run has none: runs logged before it existed).
 
@@ -117,28 +152,10 @@ def run_episodes(run_id: str, cache_dir: Path | None = None) -> pd.DataFrame | N
     """
     if run_id in _EPISODES:
         return _EPISODES[run_id]
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    from tasks.tracking import tracking_uri
-
-    dst = str(cache_dir / run_id) if cache_dir is not None else None
-    if dst is not None:
-        Path(dst).mkdir(parents=True, exist_ok=True)
-    # One progress bar per run would bury the report.
-    quiet = os.environ.get(_PROGRESS_BAR)
-    os.environ[_PROGRESS_BAR] = "false"
-    try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=EPISODES_ARTIFACT,
-                                                   dst_path=dst, tracking_uri=tracking_uri())
-    except (MlflowException, OSError):
+    data = _download(run_id, EPISODES_ARTIFACT, cache_dir)
+    if data is None:
         return None
-    finally:
-        if quiet is None:
-            del os.environ[_PROGRESS_BAR]
-        else:
-            os.environ[_PROGRESS_BAR] = quiet
-    _EPISODES[run_id] = table = pd.read_csv(path)
+    _EPISODES[run_id] = table = pd.read_csv(io.BytesIO(data))
     return table
 
 
@@ -146,6 +163,39 @@ def load_episodes(results: pd.DataFrame, cache_dir: Path | None = None) -> dict[
     """Episode tables of the runs of ``results`` that have one, by run id."""
     tables = {rid: run_episodes(rid, cache_dir) for rid in results["run_id"]}
     return {rid: t for rid, t in tables.items() if t is not None}
+
+
+@dataclass
+class PointArtifacts:
+    """What the HTML report shows of one point: its per-class IoU (`PER_CLASS_ARTIFACT`: rows
+    `class, iou`, mIoU and FB-IoU last, as tasks/experiment.py writes them) and its overlay
+    grid (`OVERLAYS_ARTIFACT`, PNG bytes); None where the run has none."""
+
+    per_class: pd.DataFrame | None = None
+    overlays: bytes | None = None
+
+
+_POINTS: dict[str, PointArtifacts] = {}
+
+
+def run_point_artifacts(run_id: str, cache_dir: Path | None = None) -> PointArtifacts:
+    """A run's per-class IoU and overlays, cached per run like `run_episodes`. A run is cached
+    once its per-class table is there: it is logged after the overlays, so both are final."""
+    if run_id in _POINTS:
+        return _POINTS[run_id]
+    overlays = _download(run_id, OVERLAYS_ARTIFACT, cache_dir)
+    per_class = _download(run_id, PER_CLASS_ARTIFACT, cache_dir)
+    found = PointArtifacts(None if per_class is None else pd.read_csv(io.BytesIO(per_class)),
+                           overlays)
+    if per_class is not None:
+        _POINTS[run_id] = found
+    return found
+
+
+def load_point_artifacts(results: pd.DataFrame,
+                         cache_dir: Path | None = None) -> dict[str, PointArtifacts]:
+    """Per-class IoU and overlays of every run of ``results``, by run id."""
+    return {rid: run_point_artifacts(rid, cache_dir) for rid in results["run_id"]}
 
 
 # --- the summary ------------------------------------------------------------------------------
@@ -325,12 +375,18 @@ def _count(x: float) -> str:
     return "n/a" if np.isnan(x) else f"{x:g}"
 
 
-def table_markdown(table: pd.DataFrame) -> str:
-    """The per-budget table: mIoU [95 % CI], Δ to 100 % [CI], % of 100 % [CI], labelled
-    images, n (runs × test episodes)."""
-    lines = ["| model | ways | shots | budget | labelled images | mIoU (%) [95 % CI] | "
-             "Δ to 100 % [CI] | % of 100 % [CI] | FB-IoU (%) | n (runs × episodes) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+TABLE_HEADER = ["model", "ways", "shots", "budget", "labelled images", "mIoU (%) [95 % CI]",
+                "Δ to 100 % [CI]", "% of 100 % [CI]", "FB-IoU (%)", "n (runs × episodes)"]
+ESTIMATE_HEADER = ["model", "ways", "shots", "target",
+                   "images needed: point (optimistic) [95 % CI]", "recommended (upper bound)",
+                   "where"]
+ESTIMATE_RECOMMENDED = 5  # the column shown in bold
+CLASSES_HEADER = ["fold", "ways", "shots", "classes scored", "not scored"]
+
+
+def table_rows(table: pd.DataFrame) -> list[list[str]]:
+    """The cells of the per-budget table (`TABLE_HEADER`), as the markdown and HTML show them."""
+    rows = []
     for r in table.itertuples():
         n = f"{r.runs} × {_count(r.episodes)}"
         if math.isclose(r.budget, intervals.FULL_BUDGET):
@@ -338,11 +394,10 @@ def table_markdown(table: pd.DataFrame) -> str:
         else:
             delta = _ci(r.delta, r.delta_lo, r.delta_hi, signed=True)
             fraction = _ci(r.fraction, r.fraction_lo, r.fraction_hi)
-        lines.append(
-            f"| {r.model} | {r.ways} | {r.shots} | {100 * r.budget:g} % | {_count(r.images)} | "
-            f"{_ci(r.miou_mean, r.miou_lo, r.miou_hi)} | {delta} | {fraction} | "
-            f"{r.fbiou_mean:.1f} | {n} |")
-    return "\n".join(lines)
+        rows.append([str(r.model), str(r.ways), str(r.shots), f"{100 * r.budget:g} %",
+                     _count(r.images), _ci(r.miou_mean, r.miou_lo, r.miou_hi), delta, fraction,
+                     f"{r.fbiou_mean:.1f}", n])
+    return rows
 
 
 def _images(x: float, measured_max: float) -> str:
@@ -351,32 +406,61 @@ def _images(x: float, measured_max: float) -> str:
     return "n/a" if np.isnan(x) else f"{math.ceil(x)}"
 
 
-def estimate_markdown(estimates: pd.DataFrame) -> str:
-    """The labelled images needed for 90 % / 95 % of full supervision, or why not."""
-    lines = ["| model | ways | shots | target | images needed: point (optimistic) [95 % CI] | "
-             "recommended (upper bound) | where |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+def estimate_rows(estimates: pd.DataFrame) -> list[list[str]]:
+    """The cells of the estimate table (`ESTIMATE_HEADER`): the labelled images needed for
+    90 % / 95 % of full supervision, or why not."""
+    rows = []
     for r in estimates.itertuples():
         target = f"{r.target:g} %" + ("" if np.isnan(r.target_miou)
                                       else f" ({r.target_miou:.1f} mIoU)")
-        head = f"| {r.model} | {r.ways} | {r.shots} | {target} |"
+        head = [str(r.model), str(r.ways), str(r.shots), target]
         if isinstance(r.refusal, str):
-            lines.append(f"{head} no estimate: {r.refusal} | — | — |")
+            rows.append([*head, f"no estimate: {r.refusal}", "—", "—"])
             continue
         top = r.measured_max
-        lines.append(f"{head} {_images(r.images, top)} [{_images(r.images_lo, top)}, "
-                     f"{_images(r.images_hi, top)}] | **{_images(r.recommended, top)}** | "
-                     f"{r.region} |")
-    return "\n".join(lines)
+        rows.append([*head, f"{_images(r.images, top)} [{_images(r.images_lo, top)}, "
+                            f"{_images(r.images_hi, top)}]",
+                     _images(r.recommended, top), str(r.region)])
+    return rows
+
+
+def classes_rows(classes: pd.DataFrame) -> list[list[str]]:
+    """The cells of the classes table (`CLASSES_HEADER`)."""
+    return [[str(r.fold), str(r.ways), str(r.shots),
+             r.scored if isinstance(r.scored, str) else "n/a (not recorded)",
+             r.dropped or "—"] for r in classes.itertuples()]
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * len(header)) + " |"]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def table_markdown(table: pd.DataFrame) -> str:
+    """The per-budget table: mIoU [95 % CI], Δ to 100 % [CI], % of 100 % [CI], labelled
+    images, n (runs × test episodes)."""
+    return _markdown(TABLE_HEADER, table_rows(table))
+
+
+def estimate_markdown(estimates: pd.DataFrame) -> str:
+    """The labelled images needed for 90 % / 95 % of full supervision, or why not."""
+    rows = estimate_rows(estimates)
+    for row, r in zip(rows, estimates.itertuples(), strict=True):
+        if not isinstance(r.refusal, str):
+            row[ESTIMATE_RECOMMENDED] = f"**{row[ESTIMATE_RECOMMENDED]}**"
+    return _markdown(ESTIMATE_HEADER, rows)
 
 
 def classes_markdown(classes: pd.DataFrame) -> str:
-    lines = ["| fold | ways | shots | classes scored | not scored |",
-             "| --- | --- | --- | --- | --- |"]
-    for r in classes.itertuples():
-        scored = r.scored if isinstance(r.scored, str) else "n/a (not recorded)"
-        lines.append(f"| {r.fold} | {r.ways} | {r.shots} | {scored} | {r.dropped or '—'} |")
-    return "\n".join(lines)
+    return _markdown(CLASSES_HEADER, classes_rows(classes))
+
+
+INTERVALS_NOTE = (
+    "Intervals: 95 % hierarchical paired bootstrap ({n_boot} replicates): seeds and test "
+    "episodes resampled, each class's IoU recomputed from summed intersections and unions; "
+    "every budget shares the episode draw, and Δ / % of 100 % pair runs by seed.")
+FIT_NOTE = ("Fit: mIoU(n) = a − b·n^(−c) over the budgets with labelled images, n = labelled "
+            "images; refitted on every bootstrap replicate. " + BIAS_NOTE)
 
 
 def to_markdown(summary: Summary | pd.DataFrame) -> str:
@@ -386,13 +470,10 @@ def to_markdown(summary: Summary | pd.DataFrame) -> str:
     parts = [f"**Warning:** {w}" for w in summary.warnings]
     parts += [
         table_markdown(summary.table),
-        f"Intervals: 95 % hierarchical paired bootstrap ({summary.n_boot} replicates): seeds and "
-        "test episodes resampled, each class's IoU recomputed from summed intersections and "
-        "unions; every budget shares the episode draw, and Δ / % of 100 % pair runs by seed.",
+        INTERVALS_NOTE.format(n_boot=summary.n_boot),
         "### Labelled images needed for 90 % / 95 % of full supervision",
         estimate_markdown(summary.estimates),
-        "Fit: mIoU(n) = a − b·n^(−c) over the budgets with labelled images, n = labelled "
-        "images; refitted on every bootstrap replicate. " + BIAS_NOTE,
+        FIT_NOTE,
         "### Classes scored per fold",
         classes_markdown(summary.classes)]
     return "\n\n".join(parts)
@@ -462,21 +543,177 @@ def _images_axis(ax: Any, table: pd.DataFrame) -> None:
     top.set_xlabel("label budget (% of the training images)", fontsize=8)
 
 
+# --- HTML -------------------------------------------------------------------------------------
+
+HTML_STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px;
+       padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.8em 0; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f3f3f3; }
+.warning { background: #fff4d6; border-left: 4px solid #e0a800; padding: 0.4em 0.8em; }
+.note { color: #555; max-width: 60em; }
+.run { color: #777; font-size: 12px; }
+section.point { border-top: 1px solid #ddd; margin-top: 1.5em; }
+img { max-width: 100%; height: auto; }
+"""
+
+
+def _html_table(header: list[str], rows: list[list[str]],
+                bold: set[tuple[int, int]] | None = None,
+                links: Mapping[tuple[int, int], str] | None = None) -> str:
+    """A table of escaped cells; ``bold`` names (row, column) cells shown in bold, ``links``
+    maps (row, column) cells to the address they link to."""
+    bold, links = bold or set(), links or {}
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        cells = []
+        for j, cell in enumerate(row):
+            text = html.escape(cell)
+            if (i, j) in links:
+                text = f'<a href="{html.escape(links[i, j])}">{text}</a>'
+            cells.append(f"<td><strong>{text}</strong></td>" if (i, j) in bold
+                         else f"<td>{text}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+# Overlay grids of noisy images compress badly losslessly (~1 MB a point as PNG): the page
+# embeds them as JPEG at this quality, with full colour resolution (4:4:4), ~4x smaller and
+# indistinguishable by eye; the lossless PNG stays each run's artifact.
+OVERLAY_JPEG_QUALITY = 85
+
+
+def _img(data: bytes, alt: str, mime: str = "image/png") -> str:
+    encoded = base64.b64encode(data).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:{mime};base64,{encoded}">'
+
+
+def _overlay_img(png: bytes, alt: str) -> str:
+    """An overlay grid as an embedded JPEG (`OVERLAY_JPEG_QUALITY`); bytes that do not decode
+    as an image are embedded as they are."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(png)).convert("RGB")
+    except (UnidentifiedImageError, OSError):
+        return _img(png, alt)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=OVERLAY_JPEG_QUALITY, subsampling=0)
+    return _img(out.getvalue(), alt, "image/jpeg")
+
+
+def point_name(row: Any) -> str:
+    """A point in words, as tasks/experiment.py names its runs: `umt 20% seed 1`, plus the
+    fold, ways and shots and the budget draw where they are not the defaults."""
+    parts = [str(row.model), f"{100 * float(row.budget):g}%"]
+    if str(row.fold) != "0":
+        parts.append(f"fold {row.fold}")
+    if (str(row.ways), str(row.shots)) != ("1", "1"):
+        parts.append(f"{row.ways}w{row.shots}s")
+    parts.append(f"seed {row.seed}")
+    if row.budget_seed is not None and str(row.budget_seed) != str(row.seed):
+        parts.append(f"draw {row.budget_seed}")
+    return " ".join(parts)
+
+
+def _sorted_points(results: pd.DataFrame) -> pd.DataFrame:
+    """Points by model, ways, shots, budget, fold and seed (numbers as numbers)."""
+    def key(col: pd.Series) -> pd.Series:
+        as_num = pd.to_numeric(col, errors="coerce")
+        return as_num if as_num.notna().all() else col.astype(str)
+
+    cols = [c for c in [*GROUP, "budget", "fold", "seed", "budget_seed"] if c in results]
+    return results.sort_values(cols, key=key, kind="stable")
+
+
+def _point_section(row: Any, found: PointArtifacts | None) -> str:
+    name = point_name(row)
+    images = "n/a" if pd.isna(row.labels_images) else f"{row.labels_images:g}"
+    parts = [f'<section class="point" id="point-{html.escape(str(row.run_id))}">',
+             f"<h3>{html.escape(name)}</h3>",
+             f"<p>test mIoU {100 * row.miou:.1f} %, FB-IoU {100 * row.fbiou:.1f} %, "
+             f"{html.escape(images)} labelled images "
+             f'<span class="run">(MLflow run {html.escape(str(row.run_id))})</span></p>']
+    if found is None or found.per_class is None:
+        parts.append(f"<p>No per-class IoU: the run has no {PER_CLASS_ARTIFACT}.</p>")
+    else:
+        table = found.per_class
+        rows = [[str(c), "n/a" if pd.isna(v) else f"{100 * float(v):.1f}"]
+                for c, v in zip(table["class"], table["iou"], strict=True)]
+        totals = {i for i, c in enumerate(table["class"]) if c in ("mIoU", "FB-IoU")}
+        parts.append(_html_table(["class", "IoU (%)"], rows,
+                                 {(i, j) for i in totals for j in range(2)}))
+    if found is None or found.overlays is None:
+        parts.append(f"<p>No overlays: the run has no {OVERLAYS_ARTIFACT}.</p>")
+    else:
+        parts.append(_overlay_img(found.overlays, f"test episodes of {name}: supports, "
+                                                  "query, prediction and ground truth"))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def to_html(summary: Summary, results: pd.DataFrame, plot_png: bytes | None, title: str,
+            points: Mapping[str, PointArtifacts] | None = None) -> str:
+    """The report as one self-contained HTML page: the warnings, the tables of `to_markdown`,
+    the plot, and per point its per-class IoU and overlay grid (``points``, by run id; a point
+    without them says so). Images are embedded (base64): the plot as PNG, overlays as JPEG."""
+    esc = html.escape
+    estimate_bold = {(i, ESTIMATE_RECOMMENDED) for i, r in enumerate(summary.estimates.itertuples())
+                     if not isinstance(r.refusal, str)}
+    ordered = _sorted_points(_with_columns(results)) if len(results) else results
+    body = [f"<h1>{esc(title)}</h1>",
+            f"<p>{len(results)} finished points. Scores in %.</p>"]
+    body += [f'<p class="warning"><strong>Warning:</strong> {esc(w)}</p>'
+             for w in summary.warnings]
+    body += ["<h2>mIoU per label budget</h2>",
+             _html_table(TABLE_HEADER, table_rows(summary.table)),
+             f'<p class="note">{esc(INTERVALS_NOTE.format(n_boot=summary.n_boot))}</p>']
+    if plot_png is not None:
+        body.append(_img(plot_png, title))
+    body += ["<h2>Labelled images needed for 90 % / 95 % of full supervision</h2>",
+             _html_table(ESTIMATE_HEADER, estimate_rows(summary.estimates), estimate_bold),
+             f'<p class="note">{esc(FIT_NOTE)}</p>',
+             "<h2>Classes scored per fold</h2>",
+             _html_table(CLASSES_HEADER, classes_rows(summary.classes)),
+             "<h2>Points</h2>",
+             f'<p class="note">Per point: test IoU per class and test episodes (supports, query, '
+             f"prediction, ground truth), embedded as JPEG; the lossless PNG is the run's "
+             f"{esc(OVERLAYS_ARTIFACT)}.</p>"]
+    if len(ordered):
+        index = [[point_name(r), f"{100 * r.miou:.1f}", str(r.run_id)]
+                 for r in ordered.itertuples()]
+        anchors = {(i, 0): f"#point-{r.run_id}" for i, r in enumerate(ordered.itertuples())}
+        body.append(_html_table(["point", "test mIoU (%)", "MLflow run"], index,
+                                links=anchors))
+        body += [_point_section(r, (points or {}).get(r.run_id)) for r in ordered.itertuples()]
+    else:
+        body.append("<p>No finished points yet.</p>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{esc(title)}</title>\n<style>{HTML_STYLE}</style>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")
+
+
 # --- files ------------------------------------------------------------------------------------
 
 
-def write_summary(summary: Summary, results: pd.DataFrame, folder: Path,
-                  title: str) -> dict[str, Path]:
-    """summary.csv, summary.md (the whole report), estimate.csv, runs.csv and the plot."""
+def write_summary(summary: Summary, results: pd.DataFrame, folder: Path, title: str,
+                  points: Mapping[str, PointArtifacts] | None = None) -> dict[str, Path]:
+    """summary.csv, summary.md (the whole report), estimate.csv, runs.csv, the plot and
+    report.html (`to_html`: all of it in one file, with ``points``' per-class IoU and
+    overlays, `load_point_artifacts`)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"csv": folder / "summary.csv", "markdown": folder / "summary.md",
              "estimate": folder / "estimate.csv", "runs": folder / "runs.csv",
-             "plot": folder / "miou_vs_budget.png"}
+             "plot": folder / "miou_vs_budget.png", "html": folder / "report.html"}
     summary.table.to_csv(paths["csv"], index=False)
     paths["markdown"].write_text(to_markdown(summary) + "\n")
     summary.estimates.to_csv(paths["estimate"], index=False)
     results.to_csv(paths["runs"], index=False)
     plot(summary, paths["plot"], title)
+    paths["html"].write_text(to_html(summary, results, paths["plot"].read_bytes(), title, points),
+                             encoding="utf-8")
     return paths
 
 

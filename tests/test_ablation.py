@@ -87,7 +87,11 @@ def test_ablation_tracks_parent_and_children_and_resumes(
     assert sorted(c.data.tags["budget"] for c in children) == ["0", "0.5", "1"]
     summary = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
     assert {"summary/summary.csv", "summary/summary.md", "summary/miou_vs_budget.png",
-            "summary/estimate.csv", "summary/summary_table.json"} <= summary
+            "summary/estimate.csv", "summary/summary_table.json", "summary/report.html"} <= summary
+    # The HTML report has each point's per-class IoU and overlays, from the children's artifacts.
+    page = (Path(out) / "tiny" / "report.html").read_text(encoding="utf-8")
+    assert page.count('<section class="point"') == 3 and "No overlays" not in page
+    assert "No per-class IoU" not in page and "metasegnet 50% seed 0" in page
     # Per-budget mIoU with its interval on the parent run, from the children's episodes.
     metrics = parent.data.metrics
     assert {"summary/metasegnet/1w1s/b0.5/miou", "summary/metasegnet/1w1s/b0.5/miou_lo",

@@ -180,3 +180,73 @@ def test_report_takes_a_tracking_uri_and_names_what_is_missing(
     assert "no study 'typo' in experiment 'budget-exp'" in err and "its studies: real" in err
     assert main([*base, "--experiment", "nope"]) == 2
     assert f"no experiment 'nope' at {uri}" in capsys.readouterr().err
+
+
+def test_report_writes_html_with_each_points_per_class_iou_and_overlays(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """`fss report` downloads each child's per-class IoU and overlays (cached per run) into one
+    self-contained report.html beside summary.md."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from flows.cli import main
+    from tasks import report
+
+    monkeypatch.setenv("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")  # as main() sets
+    monkeypatch.setenv("DASK_LOGGING__DISTRIBUTED", "warning")
+    monkeypatch.setattr("signal.signal", lambda *a: None)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    parent = Tracker("html-exp", run_name="ablation pics",
+                     tags={report.KIND_TAG: "ablation", report.STUDY_TAG: "pics"})
+    overlays, run_ids = {}, {}
+    for budget, miou in [("0.5", 0.41), ("1", 0.52)]:
+        child = Tracker("html-exp", run_name=f"umt-b{budget}", parent_run_id=parent.run_id,
+                        tags={"model": "umt", "budget": budget, "fold": "0", "shots": "1",
+                              "ways": "1", "seed": "0", "budget_seed": "0"})
+        folder = tmp_path / budget
+        folder.mkdir()
+        (folder / "per_class_iou.csv").write_text(
+            f"class,iou\ncar,{miou - 0.1:.4f}\npedestrian,{miou + 0.1:.4f}\nmIoU,{miou:.4f}\n"
+            "FB-IoU,0.7000\n")
+        Image.new("RGB", (12, 6), (int(100 * miou), 20, 30)).save(folder / "overlays.png")
+        overlays[budget] = (folder / "overlays.png").read_bytes()
+        for f in ("per_class_iou.csv", "overlays.png"):
+            child.log_artifact(folder / f, "eval/test")
+        child.log_metrics({"test/miou": miou, "test/fbiou": 0.7, "labels/images": 4})
+        child.finish()
+        run_ids[budget] = child.run_id
+    parent.finish()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+    out = tmp_path / "reports"
+    assert main(["report", "--tracking-uri", uri, "--experiment", "html-exp", "--out",
+                 str(out)]) == 0
+    page_path = out / "pics" / "report.html"
+    assert f"HTML report (tables, plot, per-class IoU, overlays): {page_path}" in (
+        capsys.readouterr().out)
+    assert (out / "pics" / "summary.md").exists()
+    page = page_path.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert page.count('<img alt="pics: mIoU vs labelled images" src="data:image/png;base64,') == 1
+    for budget, name in [("0.5", "umt 50% seed 0"), ("1", "umt 100% seed 0")]:
+        assert f"<h3>{name}</h3>" in page and run_ids[budget] in page
+        # The point's overlay grid, embedded as a JPEG of the logged PNG.
+        alt = f'<img alt="test episodes of {name}: supports, query, prediction and ground truth"'
+        b64 = page.split(alt, 1)[1].split('src="data:image/jpeg;base64,', 1)[1].split('"', 1)[0]
+        shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))), np.int16)
+        logged = np.asarray(Image.open(io.BytesIO(overlays[budget])), np.int16)
+        assert shown.shape == logged.shape and np.abs(shown - logged).max() <= 8
+    assert ">31.0<" in page and ">62.0<" in page  # car at 50 % and pedestrian at 100 %
+    assert ">41.0 [n/a]<" in page  # the summary table: no episodes.csv, no interval
+
+    # Cached per run: a second read does not download again.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(report, "_download", lambda *a: pytest.fail("downloaded again"))
+    cached = report.run_point_artifacts(run_ids["1"])
+    assert cached.overlays == overlays["1"] and list(cached.per_class["class"])[:2] == [
+        "car", "pedestrian"]

@@ -264,9 +264,85 @@ def test_report_tables_warning_metrics_and_files(tmp_path: Path) -> None:
 
     paths = report.write_summary(summary, results, tmp_path, "test study")
     assert {p.name for p in paths.values()} == {"summary.csv", "summary.md", "estimate.csv",
-                                                "runs.csv", "miou_vs_budget.png"}
+                                                "runs.csv", "miou_vs_budget.png", "report.html"}
     assert all(p.stat().st_size > 0 for p in paths.values())
     assert len(pd.read_csv(paths["estimate"])) == 4
+
+
+def _png_bytes(colour: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 4), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_html_report_is_self_contained_with_tables_plot_and_points(tmp_path: Path) -> None:
+    import base64
+    import html
+    import io
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    rng = np.random.default_rng(8)
+    results, tables = _study(rng, dropped="c23")
+    results.loc[results["run_id"] == "m1-0.2-1", "budget_seed"] = "4"  # a second budget draw
+    summary = report.build_summary(results, tables, n_boot=100)
+    overlay = _png_bytes((200, 30, 40))
+    per_class = pd.DataFrame({"class": ["c3", "c<7>", "mIoU", "FB-IoU"],
+                              "iou": [0.4321, 0.6789, 0.5556, 0.7]})
+    points = {"m1-0.2-0": report.PointArtifacts(per_class, overlay),
+              "m1-1-1": report.PointArtifacts(per_class, None)}
+    paths = report.write_summary(summary, results, tmp_path, "html study", points)
+    page = paths["html"].read_text(encoding="utf-8")
+
+    class Tags(HTMLParser):  # every opened element is closed (void elements aside)
+        def __init__(self) -> None:
+            super().__init__()
+            self.stack: list[str] = []
+            self.images: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            if tag == "img":
+                self.images.append(dict(attrs)["src"])
+            elif tag != "meta":
+                self.stack.append(tag)
+
+        def handle_endtag(self, tag: str) -> None:
+            assert self.stack.pop() == tag
+
+    parser = Tags()
+    parser.feed(page)
+    assert page.startswith("<!DOCTYPE html>") and parser.stack == []
+    # Nothing to fetch: no links, scripts or images from elsewhere.
+    assert "<title>html study</title>" in page and "http" not in page
+    # The plot, embedded: the very bytes of miou_vs_budget.png; the overlay grid of one point,
+    # as a JPEG of the same picture.
+    plot_b64 = base64.b64encode(paths["plot"].read_bytes()).decode()
+    assert parser.images[0] == f"data:image/png;base64,{plot_b64}"
+    assert len(parser.images) == 2 and parser.images[1].startswith("data:image/jpeg;base64,")
+    shown = Image.open(io.BytesIO(base64.b64decode(parser.images[1].split(",", 1)[1])))
+    assert shown.format == "JPEG" and shown.size == (8, 4)
+    assert np.abs(np.asarray(shown, np.int16) - (200, 30, 40)).max() <= 8
+    # The tables: every cell of the markdown's summary, estimate and classes tables.
+    for row in (report.table_rows(summary.table) + report.estimate_rows(summary.estimates)
+                + report.classes_rows(summary.classes)):
+        assert all(f">{html.escape(cell)}<" in page for cell in row), row
+    assert "c23 not scored" in page and "Mahmood et al." in page
+    # Each point named, per-class IoU in %, names escaped; points without artifacts say so.
+    for name in ("panet 0% seed 0", "panet 20% seed 0", "panet 20% seed 1 draw 4",
+                 "panet 100% seed 1"):
+        assert f"<h3>{name}</h3>" in page
+    assert page.count('<section class="point"') == len(results)
+    assert '<a href="#point-m1-0.2-0">panet 20% seed 0</a>' in page  # the index links
+    assert '<section class="point" id="point-m1-0.2-0">' in page
+    assert ">43.2<" in page and ">67.9<" in page and "c&lt;7&gt;" in page
+    assert "<td><strong>mIoU</strong></td><td><strong>55.6</strong></td>" in page
+    assert page.count("No per-class IoU") == len(results) - 2
+    assert page.count("No overlays") == len(results) - 1
 
 
 def test_runs_without_episodes_show_means_and_na(tmp_path: Path) -> None:
