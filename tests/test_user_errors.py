@@ -133,3 +133,67 @@ def test_other_os_errors_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(cli, "cmd_inspect", fail)
     with pytest.raises(ConnectionResetError):
         cli.main(["store", "inspect", "x.zarr"])
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk loses nothing: the rerun after it completes what was cut off
+
+
+def test_a_disk_full_mid_ingest_loses_nothing(synth_root: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills while shard 1's original masks are written (after its images and
+    masks): the ingest stops with ENOSPC, shard 0 stays done, shard 1 is not marked done; the
+    rerun writes shards 1.. and the version equals a lone ingest's, label for label."""
+    import numpy as np
+    import zarr
+
+    from tasks import ingest, store
+
+    voc = str(synth_root / "voc")
+    kw = dict(splits=["train", "val"], size=32, shard_size=16)
+    reference = str(tmp_path / "reference.zarr")
+    ingest.ingest_dataset("voc", voc, reference, "d", **kw)
+    url = str(tmp_path / "s.zarr")
+    real_set = zarr.storage.LocalStore.set
+
+    async def full_disk(self, key, value):
+        if key.endswith("original_masks/c/1"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return await real_set(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", full_disk)
+    with pytest.raises(OSError) as err:
+        ingest.ingest_dataset("voc", voc, url, "d", **kw)
+    assert err.value.errno == errno.ENOSPC
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", real_set)
+    with pytest.raises(store.StoreError, match="no completed version"):
+        store.open_dataset(url, "d")
+    again = ingest.ingest_dataset("voc", voc, url, "d", **kw)
+    assert again["complete"] and again["shards_skipped"] == 1
+    assert again["shards_written"] == again["shards"] - 1
+    ds, ref = store.open_dataset(url, "d"), store.open_dataset(reference, "d")
+    assert ds.ids == ref.ids and ds.version == ref.version
+    for image_id in ds.ids:
+        for read in ("image", "mask", "original_mask"):
+            np.testing.assert_array_equal(getattr(ds, read)(image_id),
+                                          getattr(ref, read)(image_id))
+
+
+def test_a_disk_full_mid_checkpoint_keeps_the_previous_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks import training
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    training.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "step": 2})
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04 half a zip")  # cut off where the disk filled
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError):
+        training.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "step": 4})
+    monkeypatch.setattr(torch, "save", real_save)
+    state = training.load_state(path)
+    assert state["step"] == 2 and torch.equal(state["model"]["w"], torch.ones(3))
