@@ -67,6 +67,10 @@ class TrainConfig:
     scoring: str = "pfenet"  # "pfenet": original-size labels; "hsnet": resized labels
     device: str = "auto"
     threads: int = 0  # torch threads on CPU; 0 = torch's default
+    # MLflow system metrics (system/cpu_utilization_percentage, memory, disk, network, GPU with
+    # nvidia-ml-py) sampled while the point trains and evaluates, every
+    # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10); not part of the run name's digest.
+    system_metrics: bool = False
     experiment: str = "fss"
     out_dir: str = "runs"
 
@@ -103,9 +107,10 @@ class TrainConfig:
 
 def config_digest(cfg: TrainConfig, data_version: str) -> str:
     """8 hex digits of everything that defines a trained model: its config (less where it is
-    written and tracked) and the data version."""
-    blob = json.dumps({"config": cfg.to_dict() | {"out_dir": None, "experiment": None},
-                       "data": data_version}, sort_keys=True)
+    written and tracked, and whether system metrics are) and the data version."""
+    config = cfg.to_dict() | {"out_dir": None, "experiment": None}
+    del config["system_metrics"]  # what is tracked, not what is trained: digests stay as they were
+    blob = json.dumps({"config": config, "data": data_version}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 

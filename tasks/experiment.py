@@ -98,7 +98,11 @@ def _run_point_locked(cfg: TrainConfig, ds: Dataset, name: str, run_dir: Path,
     tracker = Tracker(cfg.experiment, run_id=run_id, run_name=name,
                       tags=point_tags(cfg), parent_run_id=parent_run_id)
     write_json(state_file, {"run_id": tracker.run_id})
+    if run_id is not None:  # resumed: running again (a crash left it FAILED)
+        tracker.client.update_run(run_id, status="RUNNING")
     try:
+        if cfg.system_metrics:  # until tracker.finish, whichever way the point ends
+            tracker.start_system_metrics()
         tracker.log_params(_flat(cfg.to_dict()) | {
             "budget": budget_str(cfg.budget),  # as in the tag: one spelling
             "data.name": ds.name, "data.version": ds.version,

@@ -23,6 +23,7 @@ from filelock import FileLock
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 MODEL_URI_TAG = "fss.model_uri"
+SYSTEM_METRICS_LOGGER = "mlflow.system_metrics"
 
 
 def tracking_uri() -> str:
@@ -163,6 +164,7 @@ class Tracker:
         self.run_id = run_id
         self._metrics: list[Any] = []
         self._flush_every = flush_every
+        self._system_monitor: Any = None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -218,7 +220,39 @@ class Tracker:
         self.set_tags({MODEL_URI_TAG: info.model_uri})
         return info.model_uri
 
+    def start_system_metrics(self) -> None:
+        """Log MLflow system metrics to this run until `finish`: CPU
+        (`system/cpu_utilization_percentage`), memory, disk, network and (with nvidia-ml-py
+        installed) GPU use, averaged every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds
+        (MLflow's default: 10). A resumed run continues its steps. MLflow's monitor drops the
+        sample of an interval cut short by the end; `finish` logs it, so that a point shorter
+        than one interval still has its values."""
+        import importlib.util
+
+        if self._system_monitor is not None:
+            return
+        if importlib.util.find_spec("psutil") is None:
+            raise RuntimeError("system metrics need psutil: pip install psutil")
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        with _quiet(SYSTEM_METRICS_LOGGER, logging.WARNING):  # "Skip logging GPU metrics" etc.
+            monitor = SystemMetricsMonitor(self.run_id, resume_logging=True,
+                                           tracking_uri=self.uri)
+            monitor.start()
+        self._system_monitor = monitor
+
+    def _stop_system_metrics(self) -> None:
+        monitor, self._system_monitor = self._system_monitor, None
+        if monitor is None:
+            return
+        with _quiet(SYSTEM_METRICS_LOGGER, logging.WARNING):
+            monitor.finish()  # joins the sampling thread
+        if any(m.metrics for m in monitor.monitors):  # sampled, not yet logged
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+
     def finish(self, status: str = "FINISHED") -> None:
+        self._stop_system_metrics()
         self.flush()
         self.client.set_terminated(self.run_id, status=status)
 

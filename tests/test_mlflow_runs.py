@@ -83,9 +83,14 @@ def test_point_logs_its_data_commit_one_budget_spelling_and_valid_json(
         cfg = TrainConfig(model="panet", store=tiny_store, dataset="synth", budget=budget,
                           steps=2, batch_size=2, checkpoint_every=2, val_every=2,
                           val_episodes=2, test_episodes=4, test_shots=[1], min_pixels=64,
-                          experiment="inputs", out_dir=str(tmp_path / "runs"))
+                          experiment="inputs", out_dir=str(tmp_path / "runs"),
+                          system_metrics=budget == 1.0)
         result = run_point(cfg, progress=False)
         run = client.get_run(result["run_id"])
+        # System metrics on the point that asked for them only (the switch is not in its name).
+        system = {k for k in run.data.metrics if k.startswith("system/")}
+        assert ("system/cpu_utilization_percentage" in system) == cfg.system_metrics
+        assert str(cfg.system_metrics) == run.data.params["system_metrics"]
         # One spelling of the budget: tag, param and the dataset profile agree.
         assert run.data.tags["budget"] == run.data.params["budget"] == spelled
         assert run.data.tags["mlflow.source.git.commit"] == head
