@@ -22,14 +22,15 @@ from tasks.readers import Item, Reader, make_reader
 
 # The store records finished shards, so Prefect's own input caching is not needed (and hashing
 # a shard's item list would cost time for nothing).
-@task(name="ingest-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="ingest-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      task_run_name="ingest {name} shard {shard}")
 def ingest_shard_task(store_url: str, name: str, version: str, shard: int, items: list[Item],
                       readers: dict[str, Reader], size: int,
                       resize: str = "square") -> ingest.ShardReport:
     return ingest.ingest_shard(store_url, name, version, shard, items, readers, size, resize)
 
 
-@flow(name="ingest")
+@flow(name="ingest", flow_run_name="ingest {name}")
 def ingest_flow(source: str, root: str, store_url: str, name: str,
                 splits: list[str] | None = None, size: int = ingest.DEFAULT_SIZE,
                 shard_size: int = ingest.DEFAULT_SHARD_SIZE, classes_file: str | None = None,

@@ -30,6 +30,19 @@ def test_flow_on_local_cluster_then_rerun_is_noop(
     assert first["ingested"] + first["quarantined"] == first["listed"] == 56
     assert second["shards_written"] == 0 and second["shards_skipped"] == 4
     assert second["version"] == first["version"]
+    # The Prefect UI names the runs by what they do.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api_url}), \
+            get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["ingest synth"])))
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id={"any_": [r.id for r in runs]}))
+    assert len(runs) == 2  # the rerun submits no shard task: all were done
+    assert sorted(t.name for t in tasks) == [f"ingest synth shard {k}" for k in range(4)]
 
     ds = store.open_dataset(url, "synth")
     reader = make_reader("coco", synth_root / "coco", "val")
