@@ -71,7 +71,10 @@ def start_server(*, host: str = "127.0.0.1", port: int | None = None, ui: bool =
     home = state_dir() / "prefect"
     home.mkdir(exist_ok=True)
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_UI_ENABLED": "true" if ui else "false"}
+           "PREFECT_SERVER_UI_ENABLED": "true" if ui else "false",
+           # `--port` alone leaves the UI calling the API at the default port (4200): "Unable to
+           # connect to Prefect server" on any other port (tests/test_mlflow_ui.py).
+           "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)}
     env.pop("PREFECT_API_URL", None)
     out = open(log or state_dir() / "prefect-server.log", "ab")  # noqa: SIM115 - owned by child
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port",
