@@ -1,5 +1,7 @@
-"""`fss ui` for real: a tiny ablation in SQLite, `mlflow server` on 127.0.0.1, and the runs seen
-in headless Chromium (Selenium + the distribution's chromedriver; no browser download)."""
+"""The UIs for real, in headless Chromium (Selenium + the distribution's chromedriver; no browser
+download): `fss ui` (`mlflow server` on 127.0.0.1) on a tiny ablation in SQLite, its runs, the
+parent's summary and the registered model's alias; and a Prefect server's flow-run page of an
+`fss ablate` run, with its logs and named task runs."""
 
 from __future__ import annotations
 
@@ -8,9 +10,12 @@ import importlib.util
 import json
 import os
 import socket
+import subprocess
+import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -53,7 +58,7 @@ def _study(store: str, out: Path) -> dict:
     }
 
 
-def _api(url: str, body: dict | None = None) -> dict:
+def _api(url: str, body: dict | None = None) -> Any:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
@@ -134,7 +139,7 @@ def test_ablation_parent_and_children_in_the_mlflow_ui(
                    "?workflowType=machine_learning")
         wait.until(lambda _: "summary" in body())
         driver.find_element(By.XPATH, "//*[normalize-space(text())='summary']").click()
-        wait.until(lambda _: "miou_vs_budget.png" in body())
+        wait.until(lambda _: "miou_vs_budget.png" in body() and "report.html" in body())
         big_images = ("return [...document.images].filter(i => i.complete && "
                       "i.naturalWidth > 300 && i.naturalHeight > 200).length")
         before = driver.execute_script(big_images)
@@ -143,10 +148,95 @@ def test_ablation_parent_and_children_in_the_mlflow_ui(
         # artifact folder.
         wait.until(lambda _: driver.execute_script(big_images) > before)
         driver.save_screenshot(str(tmp_path / "mlflow-ui-artifacts.png"))
+
+        # The registry: the study's model, its alias (the study) pointing at version 1.
+        model = "fss-metasegnet"
+        by_alias = _api(f"{url}/api/2.0/mlflow/registered-models/alias?"
+                        + urllib.parse.urlencode({"name": model, "alias": STUDY}))
+        assert by_alias["model_version"]["version"] == "1"
+        driver.get(f"{url}/#/models/{model}")
+        wait.until(lambda _: model in body() and STUDY in body() and "Version 1" in body())
+        shot = tmp_path / "mlflow-ui-model.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     except Exception:
         if driver is not None:
             driver.save_screenshot(str(tmp_path / "mlflow-ui-failure.png"))
         print((tmp_path / "mlflow-ui.log").read_text()[-4000:])
+        raise
+    finally:
+        if driver is not None:
+            driver.quit()
+        stop_process(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(BROWSER_MISSING is not None, reason=BROWSER_MISSING or "")
+def test_prefect_flow_run_page_shows_logs_and_named_task_runs(
+        tiny_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fss ablate` against a Prefect server with its UI (the default one, v2): the flow run's
+    page shows the run's own log lines and, on its Task Runs tab, one task per point named by
+    what it does."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from flows.runtime import start_server
+
+    study_name = "ui-flow"
+    monkeypatch.setenv("FSS_HOME", str(tmp_path / "fss-home"))  # this server's own DB
+    proc, api = start_server(ui=True, log=tmp_path / "prefect-ui.log")
+    base = api.removesuffix("/api")
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for arg in [*CHROME_ARGS, f"--user-data-dir={tmp_path / 'chrome-profile'}"]:
+        options.add_argument(arg)
+    driver = None
+    try:
+        study = tmp_path / "ablation-flow.yaml"
+        study.write_text(yaml.safe_dump(_study(tiny_store, tmp_path) | {"study": study_name}))
+        # The CLI as a user runs it: its logging settings, not this test process's.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_LOGGING")}
+        env |= {"PREFECT_API_URL": api, "OMP_NUM_THREADS": "1",
+                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+        done = subprocess.run([sys.executable, "-m", "flows.cli", "ablate", "--config",
+                               str(study), "--out", str(tmp_path / "reports")],
+                              cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+        # The server's REST API first: what the page must show.
+        (run,) = _api(f"{api}/flow_runs/filter",
+                      {"flow_runs": {"name": {"any_": [f"ablation {study_name}"]}}})
+        tasks = _api(f"{api}/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+        names = sorted(t["name"] for t in tasks)
+        assert names == ["train metasegnet 100% seed 0", "train metasegnet 50% seed 0"]
+        logs = [log["message"] for log in _api(
+            f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}})]
+        started = next(m for m in logs if m.startswith(f"study {study_name}: 2 points"))
+
+        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+        wait = WebDriverWait(driver, 90)
+
+        def body() -> str:
+            return driver.find_element(By.TAG_NAME, "body").text
+
+        # The Logs tab opens first; the line our flow logged when it started is there.
+        driver.get(f"{base}/v2/runs/flow-run/{run['id']}")
+        wait.until(lambda _: f"ablation {study_name}" in body() and started in body())
+        shot = tmp_path / "prefect-ui-logs.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        assert "didn't generate logs" not in body()
+
+        driver.get(f"{base}/v2/runs/flow-run/{run['id']}?tab=TaskRuns")
+        wait.until(lambda _: all(n in body() for n in names))
+        shot = tmp_path / "prefect-ui-task-runs.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    except Exception:
+        if driver is not None:
+            driver.save_screenshot(str(tmp_path / "prefect-ui-failure.png"))
+        print((tmp_path / "prefect-ui.log").read_text()[-4000:])
         raise
     finally:
         if driver is not None:
