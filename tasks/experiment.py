@@ -19,6 +19,7 @@ from filelock import FileLock
 
 from tasks.config import TrainConfig, config_digest
 from tasks.episodes import label_budget
+from tasks.jsonsafe import json_safe
 from tasks.overlays import render_grid
 from tasks.store import Dataset, open_dataset
 from tasks.tracking import Tracker, code_version
@@ -184,17 +185,6 @@ def data_inputs(cfg: TrainConfig, ds: Dataset) -> list[Any]:
                               source=source, profile=json.dumps(profile)),
         tags=[InputTag("mlflow.data.context", context)])
         for context, name, ids, profile in subsets]
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with NaN and infinities as None, so that it is valid JSON (null)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def write_eval_artifacts(folder: Path, r: EvalResult, class_names: list[str]) -> None:

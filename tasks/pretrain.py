@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from models.dense_ssl import Augment, DenseSSL
+from tasks import jsonsafe
 from tasks.store import LabelAccessError, UnlabelledImages  # noqa: F401 - re-exported
 
 FORMAT = 1  # bump when the training recipe changes, so old outputs are not taken as current
@@ -84,7 +85,7 @@ def _save(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".json":
-        tmp.write_text(json.dumps(obj, indent=2))
+        tmp.write_text(jsonsafe.dumps(obj, indent=2))  # NaN as null
     else:
         torch.save(obj, tmp)
     os.replace(tmp, path)

@@ -141,6 +141,23 @@ def test_cluster_scores_on_known_tables() -> None:
     assert s["nmi"] == pytest.approx(sklearn.normalized_mutual_info_score(truth, pred))
 
 
+def test_report_json_writes_null_for_nan(tmp_path: Path) -> None:
+    """A split with background pixels only has no foreground mIoU: null in report.json, which
+    stays valid JSON (json.dumps would write NaN)."""
+    scores = clustering.cluster_scores(np.array([[6], [2]]))  # 2 clusters, background only
+    assert np.isnan(scores["miou_fg"])
+    report = {"dataset": "d", "version": "v", "pseudo": "k", "classes": ["background"],
+              "all": scores, "splits": {"train": scores}}
+    json_path, _ = clustering.write_report(report, tmp_path)
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    saved = json.loads(json_path.read_text(), parse_constant=refuse)
+    assert saved["all"]["miou_fg"] is None and saved["splits"]["train"]["miou_fg"] is None
+    assert saved["all"]["purity"] == 1.0
+
+
 @pytest.fixture(scope="module")
 def feature_store(synth_root: Path, tmp_path_factory: pytest.TempPathFactory
                   ) -> tuple[str, str, str]:

@@ -240,6 +240,20 @@ def test_cli_runs_the_flow(tiny_store: str, tmp_path: Path,
     load_checkpoint(small_resnet(), tmp_path / "pt" / "backbone.pth", strict=True)
 
 
+def test_summary_json_writes_null_for_nan(tmp_path: Path) -> None:
+    """pretrain.json is valid JSON: a non-finite value (a loss part that is NaN) becomes null."""
+    from tasks.pretrain import _save
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    nan, inf = float("nan"), float("inf")
+    _save(tmp_path / "pretrain.json",
+          {"loss_end": nan, "history": [[1, 2.5, inf, nan]], "steps_per_s": None})
+    saved = json.loads((tmp_path / "pretrain.json").read_text(), parse_constant=refuse)
+    assert saved == {"loss_end": None, "history": [[1, 2.5, None, None]], "steps_per_s": None}
+
+
 def test_views_are_cut_near_the_canonical_scale() -> None:
     from tasks.pretrain import crop_scale, default_view_size
 
