@@ -96,7 +96,10 @@ def _run_point_locked(cfg: TrainConfig, ds: Dataset, name: str, run_dir: Path,
         return json.loads((run_dir / RESULT).read_text()) | {"skipped": True}
     state_file = run_dir / "mlflow_run.json"
     run_id = json.loads(state_file.read_text())["run_id"] if state_file.exists() else None
-    tracker = Tracker(cfg.experiment, run_id=run_id, run_name=name,
+    # The MLflow name reads well when the runs table cuts it (the budget comes second); the
+    # folder's hash closes it, so two points of one label stay apart.
+    tracker = Tracker(cfg.experiment, run_id=run_id,
+                      run_name=f"{point_label(cfg)} ({name.rsplit('-', 1)[-1]})",
                       tags=point_tags(cfg), parent_run_id=parent_run_id)
     write_json(state_file, {"run_id": tracker.run_id})
     if run_id is not None:  # resumed: running again (a crash left it FAILED)

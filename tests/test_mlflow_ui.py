@@ -114,7 +114,7 @@ def test_ablation_parent_and_children_in_the_mlflow_ui(
         runs = _api(f"{url}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})
         children = sorted(r["info"]["run_name"] for r in runs["runs"]
                           if r["info"]["run_id"] != parent_id)
-        assert len(children) == 2 and all(c.startswith("metasegnet-") for c in children)
+        assert len(children) == 2 and all(c.startswith("metasegnet ") for c in children)
 
         driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
         wait = WebDriverWait(driver, 90)

@@ -85,6 +85,7 @@ def test_point_is_tracked_in_mlflow_and_rerun_is_noop(
     assert 0.0 <= result["test/miou"] <= 1.0
     assert run.data.metrics["labels/images"] == 20 and run.data.metrics["labels/pixels"] > 0
     assert run.data.tags["budget_seed"] == "0" and "held-out" in run.data.tags["selection"]
+    assert run.info.run_name == f"panet 50% seed 0 ({result['run_name'].rsplit('-', 1)[-1]})"
     # The per-episode rows recompute the logged mIoU: sums per class, then the mean.
     import pandas as pd
 
