@@ -565,9 +565,10 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
             save_checkpoint(run_dir / "checkpoints" / "best.pt", state | {"config": cfg.to_dict()})
         return dataclasses.replace(first, run_dir=run_dir, seconds=time.perf_counter() - t0,
                                    **accounting)
-    init = load_state(phase_dir / "checkpoints" / "last.pt")["model"]
+    # A labelled phase that has started resumes from its own last.pt instead.
+    init = None if last_path.exists() else load_state(phase_dir / "checkpoints" / "last.pt")
     phase = Phase(cfg.steps, lambda s: labelled.train, labelled.val, offset=cfg.pseudo_steps,
-                  init=None if last_path.exists() else init)
+                  init=None if init is None else init["model"])
     left = None if stop_after is None else stop_after - (first.steps - first.resumed_from)
     result = run(phase, run_dir, emit=emit, on_checkpoint=on_checkpoint, stop_after=left)
     return dataclasses.replace(result, seconds=time.perf_counter() - t0, **accounting)
