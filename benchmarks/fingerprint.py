@@ -7,7 +7,7 @@ times, interleaved, per file:
 
 - size only: ``os.stat`` (what fingerprints used before issue 12);
 - header: ``os.stat`` + the image header (what listing already read for the sizes);
-- hashed: `tasks.readers.scan_files` (blake2b-128 of the bytes plus the header, in one read),
+- hashed: `tasks.data.readers.scan_files` (blake2b-128 of the bytes plus the header, in one read),
   as listing now does, on 1 thread and on a pool (2 and ``SCAN_THREADS``, the default).
 
 The files were just written, so they sit in the page cache: this measures CPU, not the disk.
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.readers import SCAN_THREADS, scan_files
+from tasks.data.readers import SCAN_THREADS, scan_files
 
 
 def make_files(folder: Path, n: int, kb: int) -> list[str]:

@@ -31,8 +31,8 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from tasks import ingest, store
-from tasks.readers import Item, Reader, make_reader
+from tasks.data import ingest, store
+from tasks.data.readers import Item, Reader, make_reader
 
 NAME = "bench"
 SPLITS = ["train", "val"]
@@ -51,7 +51,7 @@ def table(title: str, headers: list[str], rows: list[list[object]]) -> None:
 
 def synth_voc(workdir: Path, n: int, size: int, seed: int) -> Path:
     """The synthetic benchmark (n images, 20 % val) in VOC layout, generated once and cached."""
-    from tasks.synth import synthesize
+    from tasks.data.synth import synthesize
 
     root = workdir / f"synth-{n}-{size}-s{seed}"
     t0 = time.perf_counter()

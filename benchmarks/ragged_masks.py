@@ -8,7 +8,7 @@ Issue 12's case scaled down: a VOC split of ``--n - 1`` images of ``--small`` px
 issue). For each source tree (this one by default; e.g. an export of the commit before ragged
 masks with ``git archive <commit> | tar -x -C /tmp/old``) two fresh processes measure:
 
-- ingest: ``tasks.ingest.ingest_dataset`` (one process, shard after shard, what a Dask worker
+- ingest: ``tasks.data.ingest.ingest_dataset`` (one process, shard after shard, what a Dask worker
   does per shard), peak RSS growth over the process after its imports;
 - read: ``open_dataset`` then ``original_mask`` of one small image of that shard, peak RSS
   growth over the opened dataset, and the read's time.
@@ -57,7 +57,7 @@ def make_voc(root: Path, n: int, small: int, big: int) -> Path:
 
 
 def child(mode: str, root: str, store_url: str, n: int) -> dict:
-    from tasks import ingest, store
+    from tasks.data import ingest, store
 
     base = _maxrss_mib()
     if mode == "ingest":

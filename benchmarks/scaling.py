@@ -110,7 +110,7 @@ def run_flow(stage: str, address: str, voc: Path, url: str, args: argparse.Names
         assert s["complete"] and s["ingested"] == s["listed"], s
         return s
     from flows.features import run_features
-    from tasks import store
+    from tasks.data import store
 
     with contextlib.suppress(KeyError, FileNotFoundError, store.StoreError):
         version = store.resolve_version(url, NAME)

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from tasks.config import TrainConfig
-from tasks.store import open_dataset
-from tasks.training import (
+from tasks.data.store import open_dataset
+from tasks.fewshot.config import TrainConfig
+from tasks.fewshot.training import (
     build_model,
     episodes_for_step,
     feature_cache,

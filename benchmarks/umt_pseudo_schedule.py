@@ -27,13 +27,12 @@ import numpy as np
 import torch
 
 from flows.demo import demo_study
-from tasks.ablation import study_from_dict
-from tasks.config import TrainConfig
-from tasks.episodes import EpisodeSampler
-from tasks.folds import fold_classes
-from tasks.metrics import SegmentationMeter, upsample_logits_to
-from tasks.store import open_dataset
-from tasks.training import (
+from tasks.data.folds import fold_classes
+from tasks.data.store import open_dataset
+from tasks.fewshot.config import TrainConfig
+from tasks.fewshot.episodes import EpisodeSampler
+from tasks.fewshot.metrics import SegmentationMeter, upsample_logits_to
+from tasks.fewshot.training import (
     FrozenFeatureCache,
     build_model,
     evaluate_fold,
@@ -41,6 +40,7 @@ from tasks.training import (
     make_batch,
     train,
 )
+from tasks.study.ablation import study_from_dict
 
 # (pseudo_steps, lr, seed)
 SETTINGS = [(60, 1e-3, 0), (200, 1e-3, 0), (400, 1e-3, 0), (400, 1e-3, 1), (200, 2e-3, 0)]

@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from flows.runtime import artifact_key, task_runner
 from flows.train import describe, train_point_task
-from tasks import report
-from tasks.ablation import study_from_dict
-from tasks.experiment import register_study_models
-from tasks.tracking import Tracker, ensure_experiment
+from tasks.fewshot.experiment import register_study_models
+from tasks.study import report
+from tasks.study.ablation import study_from_dict
+from tasks.study.tracking import Tracker, ensure_experiment
 
 
 def _parent_tracker(name: str, experiment: str) -> Tracker:

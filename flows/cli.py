@@ -22,7 +22,7 @@ def _splits(text: str) -> list[str]:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from tasks.synth import synthesize
+    from tasks.data.synth import synthesize
 
     t0 = time.perf_counter()
     summary = synthesize(args.out, n_train=args.train, n_val=args.val, size=args.size,
@@ -41,7 +41,7 @@ def _ingest_source(args: argparse.Namespace) -> tuple[str, str, list[str]]:
         if not args.root:
             raise ValueError("ingest --source needs --root (the dataset folder)")
         return args.source, str(Path(args.root).resolve()), _splits(args.split or "train,val")
-    from tasks.layout import LayoutError, load_layout
+    from tasks.data.layout import LayoutError, load_layout
 
     if args.root or args.classes or args.list:
         raise ValueError("a layout file names the root, the files and the classes: drop "
@@ -85,7 +85,7 @@ def print_ingest_summary(summary: dict[str, Any], seconds: float) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from tasks.store import inspect_store
+    from tasks.data.store import inspect_store
 
     info = inspect_store(args.store)
     if args.json:
@@ -113,7 +113,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from flows.runtime import prefect_api
     from flows.train import train_flow
-    from tasks.config import load_config
+    from tasks.fewshot.config import load_config
 
     cfg = load_config(args.config, args.set)
     with prefect_api():
@@ -137,10 +137,10 @@ def print_point(result: dict[str, Any]) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from tasks.config import apply_overrides, from_dict, load_config
-    from tasks.experiment import write_eval_artifacts
-    from tasks.store import open_dataset
-    from tasks.training import build_model, evaluate_fold, load_state
+    from tasks.data.store import open_dataset
+    from tasks.fewshot.config import apply_overrides, from_dict, load_config
+    from tasks.fewshot.experiment import write_eval_artifacts
+    from tasks.fewshot.training import build_model, evaluate_fold, load_state
 
     if args.baseline:
         from models.baselines import BASELINES
@@ -176,7 +176,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     from flows.ablate import run_ablation
     from flows.runtime import prefect_api
-    from tasks.ablation import set_grid
+    from tasks.study.ablation import set_grid
 
     study = set_grid(yaml.safe_load(Path(args.config).read_text()), args.grid)
     if args.study:  # a variant (--set optimizer=sgd) gets its own parent run and summary
@@ -202,7 +202,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def ui_hint(experiment: str | None = None) -> str:
     """How to open the experiment's runs table (not the root: MLflow 3.17 shows GenAI there)."""
     from flows.ui import DEFAULT_PORT
-    from tasks.tracking import runs_url, tracking_uri
+    from tasks.study.tracking import runs_url, tracking_uri
 
     uri = tracking_uri()
     server = uri if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{DEFAULT_PORT}"
@@ -221,8 +221,8 @@ def ui_hint(experiment: str | None = None) -> str:
 def cmd_report(args: argparse.Namespace) -> int:
     if args.tracking_uri:  # before anything reads it
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
-    from tasks import report
-    from tasks.tracking import check_reachable, tracking_uri
+    from tasks.study import report
+    from tasks.study.tracking import check_reachable, tracking_uri
 
     uri = tracking_uri()
     check_reachable(uri)
@@ -418,11 +418,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     line and exit 2. Anything else is a bug and keeps its traceback."""
     import yaml
 
-    from tasks.readers import DatasetError
-    from tasks.store import StoreError
+    from tasks.data.readers import DatasetError
+    from tasks.data.store import StoreError
 
     # LayoutError is a DatasetError; pydantic's ValidationError is a ValueError; a bad
-    # checkpoint file is a ValueError (tasks.training.load_state); FileExistsError and
+    # checkpoint file is a ValueError (tasks.fewshot.training.load_state); FileExistsError and
     # PermissionError are OSErrors, with the others of USER_ERRNOS.
     return (DatasetError, StoreError, ValueError, FileNotFoundError, RuntimeError,
             yaml.YAMLError)

@@ -58,7 +58,7 @@ def run_demo(workdir: Path, *, quick: bool = False, workers: int = 2) -> int:
     from flows.pretrain import pretrain_flow
     from flows.pseudo import run_pseudo
     from flows.runtime import prefect_api
-    from tasks.synth import synthesize
+    from tasks.data.synth import synthesize
 
     sizes = QUICK if quick else FULL
     # One torch thread in this process, like the Dask workers: on a small shared machine two

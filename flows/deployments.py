@@ -126,7 +126,7 @@ def train_deployment(config_path: str = "configs/synthetic.yaml",
                      overrides: list[str] | None = None) -> dict[str, Any]:
     """Train and evaluate one config file (`--set`-style `key=value` overrides)."""
     from flows.train import train_flow
-    from tasks.config import load_config
+    from tasks.fewshot.config import load_config
 
     cfg = load_config(config_path, overrides or [])
     return train_flow(cfg.to_dict(), progress=False)

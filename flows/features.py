@@ -17,7 +17,8 @@ from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
 from flows.runtime import task_runner
-from tasks import features, store
+from tasks.data import store
+from tasks.labelfree import features
 
 
 @task(name="features-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,

@@ -16,8 +16,8 @@ from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
 from flows.runtime import task_runner
-from tasks import ingest, store
-from tasks.readers import Item, Reader, make_reader
+from tasks.data import ingest, store
+from tasks.data.readers import Item, Reader, make_reader
 
 
 # The store records finished shards, so Prefect's own input caching is not needed (and hashing

@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.runtime import artifact_key
-from tasks.pretrain import SUMMARY_FILE, pretrain
+from tasks.labelfree.pretrain import SUMMARY_FILE, pretrain
 
 
 # One coarse task: the whole training run. It picks the GPU when the worker has one; the output

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from flows.features import add_cluster_arguments, add_embedder_arguments, parse_embedder
 from flows.features import run_features as _run_features
 from flows.runtime import task_runner
-from tasks import clustering, store
+from tasks.data import store
+from tasks.labelfree import clustering
 
 DEFAULT_REPORT_DIR = "reports"
 
@@ -29,7 +30,7 @@ DEFAULT_REPORT_DIR = "reports"
 def kmeans_task(store_url: str, name: str, version: str, features_key: str,
                 config: dict[str, Any]) -> clustering.KMeansResult:
     """Drives k-means from one Dask worker: sampling and Lloyd steps go out as plain Dask tasks
-    (a Prefect task per step would cost more than the step itself, DESIGN.md)."""
+    (a Prefect task per step would cost more than the step itself, docs/architecture.md)."""
     from distributed import worker_client
 
     cfg = clustering.PseudoConfig.from_params(config)

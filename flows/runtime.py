@@ -1,9 +1,9 @@
 """Where flows run: the Prefect API they report to and the Dask cluster their tasks go to.
 
 Flows always talk to one Prefect API server. In ephemeral mode every Dask worker process would
-start a temporary API server of its own (a 3-task flow took ~40 s instead of ~8 s, DESIGN.md),
-so when no `PREFECT_API_URL` is set we start one local server on 127.0.0.1 (SQLite under the
-working folder's `.fss/`) and hand its URL to the workers through the environment.
+start a temporary API server of its own (a 3-task flow took ~40 s instead of ~8 s,
+docs/architecture.md), so when no `PREFECT_API_URL` is set we start one local server on 127.0.0.1
+(SQLite under the working folder's `.fss/`) and hand its URL to the workers through the environment.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from flows.runtime import artifact_key
-from tasks.config import from_dict
-from tasks.experiment import point_label, run_point
-from tasks.tracking import ensure_experiment
+from tasks.fewshot.config import from_dict
+from tasks.fewshot.experiment import point_label, run_point
+from tasks.study.tracking import ensure_experiment
 
 
 def _task_run_name(parameters: dict[str, Any]) -> str:

@@ -1,8 +1,9 @@
 """`fss ui`: the MLflow UI over the project's tracking store, on 127.0.0.1.
 
-Runs `mlflow server` on the same backend `tasks.tracking.tracking_uri()` resolves (SQLite in the
-working folder by default), with new experiments' artifacts in the same `mlartifacts` folder
-the flows write to, so runs logged directly to SQLite and runs seen through the UI agree.
+Runs `mlflow server` on the same backend `tasks.study.tracking.tracking_uri()` resolves
+(SQLite in the working folder by default), with new experiments' artifacts in the same
+`mlartifacts` folder the flows write to, so runs logged directly to SQLite and runs seen
+through the UI agree.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def start_mlflow_ui(uri: str | None = None, port: int | None = DEFAULT_PORT, *,
     """Start `mlflow server` for a database-backed tracking URI; returns (process, UI URL)
     once its /health answers. `port=None` or 0 picks a free port. Stop with
     `flows.runtime.stop_process` (the server and its workers share one process group)."""
-    from tasks.tracking import DEFAULT_ARTIFACTS, tracking_uri
+    from tasks.study.tracking import DEFAULT_ARTIFACTS, tracking_uri
 
     uri = uri or tracking_uri()
     if uri.startswith(("http://", "https://", "databricks")):
@@ -79,7 +80,7 @@ def experiment_pages(uri: str, ui_url: str) -> dict[str, str]:
     """Experiment name -> its runs table in the UI (MLflow 3.17's root shows GenAI traces)."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import runs_url
+    from tasks.study.tracking import runs_url
 
     return {e.name: runs_url(ui_url, e.experiment_id)
             for e in MlflowClient(uri).search_experiments() if e.name != "Default"}
@@ -87,7 +88,7 @@ def experiment_pages(uri: str, ui_url: str) -> dict[str, str]:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """Serve the MLflow UI until Ctrl-C."""
-    from tasks.tracking import tracking_uri
+    from tasks.study.tracking import tracking_uri
 
     uri = args.backend_store_uri or tracking_uri()
     if uri.startswith(("http://", "https://")):

@@ -1,9 +1,9 @@
 """ResNet backbones written without torchvision, with torchvision's state-dict key names.
 
-torchvision and timm do not import on the CPU torch build used here (DESIGN.md, known traps),
-so the architectures are re-implemented. ``resnet50`` reproduces torchvision's ResNet-50 (v1.5:
-stride on the 3x3 conv) key for key, so official, MoCo v2 and DINO checkpoints load unchanged;
-``small_resnet`` is a BasicBlock ResNet small enough to train from scratch on a CPU.
+torchvision and timm do not import on the CPU torch build used here (docs/architecture.md, known
+traps), so the architectures are re-implemented. ``resnet50`` reproduces torchvision's ResNet-50
+(v1.5: stride on the 3x3 conv) key for key, so official, MoCo v2 and DINO checkpoints load
+unchanged; ``small_resnet`` is a BasicBlock ResNet small enough to train from scratch on a CPU.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Segmentation losses and the label encodings they share, all honouring ``ignore_index``.
 
 Ignored pixels (255: object boundaries in VOC, crowd regions, padding) are excluded from every
-numerator *and* denominator here. The UMTFSS reference Dice loss counts them (DESIGN.md, known
-traps), which rewards predicting background on boundaries.
+numerator *and* denominator here. The UMTFSS reference Dice loss counts them (docs/architecture.md,
+known traps), which rewards predicting background on boundaries.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """DINO Vision Transformers (Caron et al. 2021) with the official checkpoint key names.
 
-timm does not import on the CPU torch build used here (DESIGN.md, known traps), so the
+timm does not import on the CPU torch build used here (docs/architecture.md, known traps), so the
 architecture of `facebookresearch/dino`'s ``vision_transformer.py`` is re-implemented module for
 module: ``dino_deitsmall8_pretrain.pth`` and friends load unchanged, and a full DINO training
 checkpoint (``{"teacher": ..., "student": ...}``) loads its teacher by default.

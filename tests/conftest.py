@@ -14,7 +14,7 @@ COCO_TINY = Path(os.environ.get(
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 train + 16 val synthetic images at 96 px, in VOC and COCO layouts."""
-    from tasks.synth import synthesize
+    from tasks.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("synth")
     synthesize(root, n_train=40, n_val=16, size=96, seed=3)
@@ -24,7 +24,7 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_store(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """`synth_root` ingested at 64 px as dataset "synth" (plain functions, no Prefect)."""
-    from tasks import ingest
+    from tasks.data import ingest
 
     url = str(tmp_path_factory.mktemp("tiny-store") / "s.zarr")
     ingest.ingest_dataset("voc", str(synth_root / "voc"), url, "synth", splits=["train", "val"],

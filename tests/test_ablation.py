@@ -8,7 +8,7 @@ import pytest
 
 from flows.ablate import run_ablation
 from flows.runtime import prefect_api
-from tasks.ablation import expand, set_grid, study_from_dict
+from tasks.study.ablation import expand, set_grid, study_from_dict
 
 pytestmark = pytest.mark.slow
 

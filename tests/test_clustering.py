@@ -12,7 +12,8 @@ import torch
 import zarr
 
 from models.kmeans import kmeans as reference_kmeans
-from tasks import clustering, features, store
+from tasks.data import store
+from tasks.labelfree import clustering, features
 from tests.test_features import SPEC, checksums, forbid_labels, ingest_store
 
 QUARANTINED_ROW = 3

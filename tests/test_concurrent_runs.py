@@ -14,8 +14,8 @@ def _run_point(config: dict, uri: str) -> dict:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     import torch
 
-    from tasks.config import from_dict
-    from tasks.experiment import run_point
+    from tasks.fewshot.config import from_dict
+    from tasks.fewshot.experiment import run_point
 
     torch.set_num_threads(1)
     return run_point(from_dict(config), progress=False)
@@ -46,7 +46,7 @@ def test_three_runs_of_one_point_on_a_fresh_db(tiny_store: str, tmp_path: Path,
 
 
 def test_a_relative_sqlite_uri_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.tracking import ensure_experiment
+    from tasks.study.tracking import ensure_experiment
 
     monkeypatch.chdir(tmp_path)
     assert ensure_experiment("rel", "sqlite:///data/mlflow.db")

@@ -33,7 +33,7 @@ def _pins() -> list[tuple[str, str, list[str]]]:
 def test_every_pin_is_justified_installed_and_allowed_by_pyproject() -> None:
     pins = _pins()
     names = {canonicalize_name(n) for n, _, _ in pins}
-    # The pins the known traps need (DESIGN.md) are there.
+    # The pins the known traps need (docs/architecture.md) are there.
     assert {"sqlalchemy", "fastapi", "prefect", "mlflow", "torch"} <= names
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     ranges = {canonicalize_name(r.name): r.specifier for r in map(Requirement, deps)}

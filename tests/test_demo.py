@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from flows.demo import demo_study
-from tasks.ablation import study_from_dict
-from tasks.training import total_steps
+from tasks.fewshot.training import total_steps
+from tasks.study.ablation import study_from_dict
 
 
 def _points(quick: bool) -> list:

@@ -98,7 +98,7 @@ def test_every_deployment_is_accepted_with_pool_schedule_and_pull_step(
     # The nightly study file (when present) is a valid study.
     study_file = PROJECT_DIR / nightly["parameters"]["config_path"]
     if study_file.exists():
-        from tasks.ablation import study_from_dict
+        from tasks.study.ablation import study_from_dict
 
         assert study_from_dict(yaml.safe_load(study_file.read_text())).points
 
@@ -154,7 +154,7 @@ def test_ingest_deployment_runs_on_a_process_worker(
         tmp_path: Path) -> None:
     from prefect.deployments import run_deployment
 
-    from tasks.store import open_dataset
+    from tasks.data.store import open_dataset
 
     store_url = str(tmp_path / "deployed.zarr")
     log = tmp_path / "worker.log"

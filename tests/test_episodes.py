@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import ingest, store
-from tasks.episodes import (
+from tasks.data import ingest, store
+from tasks.data.folds import base_classes, fold_classes
+from tasks.data.readers import make_reader
+from tasks.data.synth import synthesize
+from tasks.fewshot.episodes import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Episode,
@@ -19,9 +22,6 @@ from tasks.episodes import (
     batch_to_tensors,
     label_budget,
 )
-from tasks.folds import base_classes, fold_classes
-from tasks.readers import make_reader
-from tasks.synth import synthesize
 
 MIN_PX = 100  # the default 2*32*32 is half of a 64 px synthetic image: too strict here
 
@@ -211,7 +211,7 @@ def test_store_fixture_is_what_the_tests_assume(ds: store.Dataset) -> None:
 
 
 def test_held_out_share_is_even_and_nested_across_budgets() -> None:
-    from tasks.episodes import hold_out
+    from tasks.fewshot.episodes import hold_out
 
     ids = [f"i{k:03d}" for k in range(200)]
     small, large = label_budget(ids, 0.1, seed=4), label_budget(ids, 0.5, seed=4)

@@ -27,8 +27,9 @@ import psutil
 import pytest
 import yaml
 
-from tasks import features, ingest, store
-from tasks.readers import make_reader
+from tasks.data import ingest, store
+from tasks.data.readers import make_reader
+from tasks.labelfree import features
 
 # Register "faults" in pyproject's markers, then add pytest.mark.faults here.
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -341,7 +342,7 @@ def test_features_survive_a_killed_dask_worker(synth_root: Path, tmp_path: Path,
 
 @pytest.mark.timeout(120)
 def test_random_init_embedder_is_the_same_in_every_process(tmp_path: Path) -> None:
-    code = ("import hashlib; from tasks.features import get_embedder; "
+    code = ("import hashlib; from tasks.labelfree.features import get_embedder; "
             f"e = get_embedder({EMBEDDER!r}); "
             "print(hashlib.sha256(next(e.net.parameters()).numpy().tobytes()).hexdigest())")
     digests = {_run([sys.executable, "-c", code], _env(), tmp_path, 60).split()[-1]
@@ -393,8 +394,8 @@ def test_killed_training_resumes_to_identical_weights(tiny_store: str, tmp_path:
     import torch
     from mlflow.tracking import MlflowClient
 
-    from tasks.config import from_dict
-    from tasks.training import load_state, train
+    from tasks.fewshot.config import from_dict
+    from tasks.fewshot.training import load_state, train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = _env(PREFECT_API_URL=prefect_api_url, MLFLOW_TRACKING_URI=uri)

@@ -12,8 +12,9 @@ import pytest
 import torch
 import zarr
 
-from tasks import features, ingest, store
-from tasks.readers import make_reader
+from tasks.data import ingest, store
+from tasks.data.readers import make_reader
+from tasks.labelfree import features
 
 SPEC = {"kind": "backbone", "backbone": "small_resnet", "layer": "layer4", "checkpoint": None}
 LABEL_ARRAYS = ("masks", "original_masks", "class_pixels")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.folds import base_classes, coco_20i, fold_classes, pascal_5i
-from tasks.readers import VOC_CLASSES
+from tasks.data.folds import base_classes, coco_20i, fold_classes, pascal_5i
+from tasks.data.readers import VOC_CLASSES
 
 
 def test_pascal_5i_known_values():

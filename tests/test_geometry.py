@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from tasks import ingest, store
-from tasks.episodes import EpisodeSampler
-from tasks.metrics import upsample_logits_to
+from tasks.data import ingest, store
+from tasks.fewshot.episodes import EpisodeSampler
+from tasks.fewshot.metrics import upsample_logits_to
 
 CLASSES = ["road", "car", "tree"]  # label values 0..2, no background class; 9 is void
 VOID = 9
@@ -274,7 +274,7 @@ def test_evaluate_scores_a_padded_dataset_like_a_stretched_one(streets) -> None:
     """A parameter-free colour model scores the same images about equally whether they were
     stretched or padded, once evaluation crops the padding before upsampling."""
     from models.baselines import ColourHistogram
-    from tasks.training import evaluate
+    from tasks.fewshot.training import evaluate
 
     _, url, _, _ = streets
     miou = {}

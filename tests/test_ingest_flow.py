@@ -11,8 +11,8 @@ import pytest
 from flows.cli import main
 from flows.ingest import run_ingest
 from flows.runtime import prefect_api
-from tasks import store
-from tasks.readers import make_reader
+from tasks.data import store
+from tasks.data.readers import make_reader
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ import pytest
 import zarr
 from PIL import Image
 
-from tasks import ingest, store
-from tasks.readers import BadItem, DatasetError, make_reader
+from tasks.data import ingest, store
+from tasks.data.readers import BadItem, DatasetError, make_reader
 
 
 def _noise(height: int, width: int, seed: int) -> np.ndarray:

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tasks import ingest, store
-from tasks.config import TrainConfig
-from tasks.episodes import label_budget
-from tasks.synth import synthesize
-from tasks.training import load_state, train
+from tasks.data import ingest, store
+from tasks.data.synth import synthesize
+from tasks.fewshot.config import TrainConfig
+from tasks.fewshot.episodes import label_budget
+from tasks.fewshot.training import load_state, train
 
 N_CLASSES = 20  # synthetic benchmark: foreground ids 1..20, 255 ignored
 CORRUPTION_SEED = 1234

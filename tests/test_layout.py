@@ -15,11 +15,11 @@ import torch
 import yaml
 from PIL import Image
 
-from tasks import ingest, store
-from tasks.config import TrainConfig
-from tasks.episodes import EpisodeSampler
-from tasks.layout import NO_BACKGROUND, LayoutError, LayoutReader, load_layout
-from tasks.training import build_model, evaluate_fold, load_state, train
+from tasks.data import ingest, store
+from tasks.data.layout import NO_BACKGROUND, LayoutError, LayoutReader, load_layout
+from tasks.fewshot.config import TrainConfig
+from tasks.fewshot.episodes import EpisodeSampler
+from tasks.fewshot.training import build_model, evaluate_fold, load_state, train
 
 # A street scene as public datasets ship it: class ids 0..10, none of them a background, and
 # void = 11 ("not annotated").
@@ -141,8 +141,8 @@ def test_unlabelled_images_are_images_only(streets) -> None:
 
 def test_label_free_stages_use_unlabelled_images(streets) -> None:
     """Features are computed for every ingested image; pseudo episodes draw from all of them."""
-    from tasks import features
-    from tasks.pseudo_tasks import PseudoEpisodeSampler
+    from tasks.labelfree import features
+    from tasks.labelfree.pseudo_tasks import PseudoEpisodeSampler
 
     _, _, url, _, _ = streets
     ds = store.open_dataset(url, "streets")

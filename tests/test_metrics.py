@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.metrics import SegmentationMeter, episode_iou, upsample_logits_to
+from tasks.fewshot.metrics import SegmentationMeter, episode_iou, upsample_logits_to
 
 
 def _box(shape: tuple[int, int], y0: int, y1: int, x0: int, x1: int, label: int = 1,

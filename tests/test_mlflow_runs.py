@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import TrainConfig
-from tasks.tracking import PROJECT_DIR, Tracker, runs_url, source_tags
+from tasks.fewshot.config import TrainConfig
+from tasks.study.tracking import PROJECT_DIR, Tracker, runs_url, source_tags
 
 
 def _strict_json(text: str) -> object:
@@ -48,7 +48,7 @@ def test_fluent_tracking_uri_is_put_back(tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
 
-    from tasks.tracking import fluent_tracking_uri
+    from tasks.study.tracking import fluent_tracking_uri
 
     ours, other = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", ours)
@@ -58,7 +58,7 @@ def test_fluent_tracking_uri_is_put_back(tmp_path: Path,
 
 
 def test_json_safe_writes_null_for_nan() -> None:
-    from tasks.experiment import json_safe
+    from tasks.fewshot.experiment import json_safe
 
     value = json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": "x", "d": None})
     assert _strict_json(json.dumps(value)) == {"a": None, "b": [1.0, None], "c": "x", "d": None}
@@ -69,9 +69,9 @@ def test_point_logs_its_data_commit_one_budget_spelling_and_valid_json(
         tiny_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
-    from tasks.episodes import label_budget
-    from tasks.experiment import RESULT, run_point, subset_digest
-    from tasks.store import open_dataset
+    from tasks.data.store import open_dataset
+    from tasks.fewshot.episodes import label_budget
+    from tasks.fewshot.experiment import RESULT, run_point, subset_digest
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -128,8 +128,8 @@ def test_point_logs_its_data_commit_one_budget_spelling_and_valid_json(
     import pandas as pd
     import torch
 
-    from tasks.experiment import register_study_models
-    from tasks.training import build_model, load_state
+    from tasks.fewshot.experiment import register_study_models
+    from tasks.fewshot.training import build_model, load_state
 
     results = pd.DataFrame([{"model": r.data.tags["model"], "budget": r.data.tags["budget"],
                              "seed": r.data.tags["seed"], "run_id": r.info.run_id}
@@ -159,7 +159,7 @@ def test_point_logs_its_data_commit_one_budget_spelling_and_valid_json(
 def test_report_takes_a_tracking_uri_and_names_what_is_missing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     from flows.cli import main
-    from tasks import report
+    from tasks.study import report
 
     # main() quiets Prefect and Dask through the environment (os.environ.setdefault) and
     # handles SIGTERM: keep both to this test (a Dask worker log without INFO lines fails
@@ -198,7 +198,7 @@ def test_report_writes_html_with_each_points_per_class_iou_and_overlays(
     from PIL import Image
 
     from flows.cli import main
-    from tasks import report
+    from tasks.study import report
 
     monkeypatch.setenv("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")  # as main() sets
     monkeypatch.setenv("DASK_LOGGING__DISTRIBUTED", "warning")

@@ -92,7 +92,7 @@ def test_ablation_parent_and_children_in_the_mlflow_ui(
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)  # mlartifacts/ of tasks.tracking lands here
+    monkeypatch.chdir(tmp_path)  # mlartifacts/ of tasks.study.tracking lands here
     study = tmp_path / "ablation-ui.yaml"
     study.write_text(yaml.safe_dump(_study(tiny_store, tmp_path)))
     with prefect_api():  # the nightly deployment's entrypoint: a study file, run_ablation

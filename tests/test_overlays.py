@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.episodes import Episode
-from tasks.overlays import (
+from tasks.fewshot.episodes import Episode
+from tasks.fewshot.overlays import (
     ALPHA,
     CAPTION,
     HEADER,

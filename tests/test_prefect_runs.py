@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from flows.runtime import artifact_key
-from tasks.config import TrainConfig
-from tasks.experiment import budget_str, point_label
+from tasks.fewshot.config import TrainConfig
+from tasks.fewshot.experiment import budget_str, point_label
 
 TINY = {"model": "metasegnet", "dataset": "synth", "fold": 0, "steps": 2, "batch_size": 2,
         "checkpoint_every": 2, "val_every": 2, "val_episodes": 2, "test_episodes": 4,

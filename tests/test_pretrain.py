@@ -21,8 +21,8 @@ from models.dense_ssl import (
     make_views,
     sample_crops,
 )
-from tasks import store
-from tasks.pretrain import LabelAccessError, UnlabelledImages, pretrain
+from tasks.data import store
+from tasks.labelfree.pretrain import LabelAccessError, UnlabelledImages, pretrain
 
 EYE = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 LABEL_ARRAYS = ("/masks/", "/original_masks/", "/index/class_pixels/")
@@ -210,7 +210,7 @@ def test_resume_is_exact_and_rerun_is_a_noop(tiny_store: str, tmp_path: Path) ->
 
 
 def test_saved_backbone_loads_strictly_and_embeds(tiny_store: str, tmp_path: Path) -> None:
-    from tasks.embeddings import load_embedder
+    from tasks.labelfree.embeddings import load_embedder
 
     path = pretrain(tiny_store, "synth", tmp_path / "pt", **(TINY | {"steps": 1}))
     report = load_checkpoint(small_resnet(), path, strict=True)
@@ -242,7 +242,7 @@ def test_cli_runs_the_flow(tiny_store: str, tmp_path: Path,
 
 def test_summary_json_writes_null_for_nan(tmp_path: Path) -> None:
     """pretrain.json is valid JSON: a non-finite value (a loss part that is NaN) becomes null."""
-    from tasks.pretrain import _save
+    from tasks.labelfree.pretrain import _save
 
     def refuse(token: str) -> None:
         raise ValueError(f"not JSON: {token}")
@@ -255,7 +255,7 @@ def test_summary_json_writes_null_for_nan(tmp_path: Path) -> None:
 
 
 def test_views_are_cut_near_the_canonical_scale() -> None:
-    from tasks.pretrain import crop_scale, default_view_size
+    from tasks.labelfree.pretrain import crop_scale, default_view_size
 
     assert default_view_size(144) == 64 and default_view_size(473) == 216
     lo, hi = crop_scale(64, 144)  # zoom 1 is an area of (64 / 144)^2 = 0.198

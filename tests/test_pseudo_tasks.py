@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import store
-from tasks.config import TrainConfig
-from tasks.pseudo_tasks import PseudoEpisodeSampler
-from tasks.training import episode_stream, total_steps, train
+from tasks.data import store
+from tasks.fewshot.config import TrainConfig
+from tasks.fewshot.training import episode_stream, total_steps, train
+from tasks.labelfree.pseudo_tasks import PseudoEpisodeSampler
 
 K, DIM = 4, 8
 
@@ -147,8 +147,8 @@ def _umt(url: str, tmp_path: Path, **kw) -> TrainConfig:
 
 def test_pseudo_phase_is_trained_once_and_every_labelled_budget_starts_from_it(
         tiny_store: str, pseudo_key: str, tmp_path: Path) -> None:
-    from tasks.store import open_dataset
-    from tasks.training import load_state, pseudo_phase_dir
+    from tasks.data.store import open_dataset
+    from tasks.fewshot.training import load_state, pseudo_phase_dir
 
     zero = _umt(tiny_store, tmp_path, budget=0.0)
     logged: dict[int, dict[str, float]] = {}
@@ -184,7 +184,7 @@ def test_pseudo_phase_is_trained_once_and_every_labelled_budget_starts_from_it(
 
 def test_a_crashed_labelled_phase_resumes_to_the_same_weights(
         tiny_store: str, pseudo_key: str, tmp_path: Path) -> None:
-    from tasks.training import load_state
+    from tasks.fewshot.training import load_state
 
     cfg = _umt(tiny_store, tmp_path, budget=0.5)
     train(cfg, tmp_path / "straight", progress=False)

@@ -16,8 +16,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from tasks.readers import VOC_CLASSES, BadItem, DatasetError, Item, make_reader
-from tasks.synth import voc_palette
+from tasks.data.readers import VOC_CLASSES, BadItem, DatasetError, Item, make_reader
+from tasks.data.synth import voc_palette
 
 # pycocotools' compiled decode trips a NumPy 2 deprecation on every call; it is harmless here.
 

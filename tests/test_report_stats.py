@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import intervals, report
-from tasks.intervals import BudgetIntervals, Run, bootstrap_budgets, estimate_budget
-from tasks.metrics import SegmentationMeter
+from tasks.fewshot.metrics import SegmentationMeter
+from tasks.study import intervals, report
+from tasks.study.intervals import BudgetIntervals, Run, bootstrap_budgets, estimate_budget
 
 CLASSES = [3, 7, 11, 15, 19]
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import ingest, store
-from tasks.readers import DatasetError, make_reader
+from tasks.data import ingest, store
+from tasks.data.readers import DatasetError, make_reader
 
 
 def _plan(root: Path, source: str = "voc", **kw):

@@ -1,4 +1,4 @@
-"""Tests for the synthetic VOC/COCO benchmark generator (tasks/synth.py)."""
+"""Tests for the synthetic VOC/COCO benchmark generator (tasks/data/synth.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from tasks import synth
-from tasks.synth import CLASS_NAMES, CLASS_TABLE, VERSION, synthesize, voc_palette
+from tasks.data import synth
+from tasks.data.synth import CLASS_NAMES, CLASS_TABLE, VERSION, synthesize, voc_palette
 
 PARAMS = {"n_train": 24, "n_val": 12, "size": 112, "seed": 3}
 # pycocotools' decode trips a numpy 2 deprecation warning that is not ours

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.tracking import Tracker, check_reachable, ensure_experiment, tracking_uri
+from tasks.study.tracking import Tracker, check_reachable, ensure_experiment, tracking_uri
 
 
 def _closed_port() -> int:
@@ -50,7 +50,7 @@ def test_system_metrics_are_logged_while_a_run_trains(
     disk and network under system/, sampled until the run finishes."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.config import TrainConfig, config_digest
+    from tasks.fewshot.config import TrainConfig, config_digest
 
     # The switch is not part of a point's identity: its run folder and name stay the same
     # (f32e2ddd is the default config's digest from before the key existed; a key that changes

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.config import TrainConfig, apply_overrides, load_config
-from tasks.training import build_model, load_state, train
+from tasks.fewshot.config import TrainConfig, apply_overrides, load_config
+from tasks.fewshot.training import build_model, load_state, train
 
 TINY = {"metasegnet": {"embed_dim": 16, "global_dim": 32, "local_dim": 16},
         "panet": {},
@@ -61,7 +61,7 @@ def test_point_is_tracked_in_mlflow_and_rerun_is_noop(
         tiny_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
-    from tasks.experiment import run_point
+    from tasks.fewshot.experiment import run_point
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -134,9 +134,9 @@ def test_budget_seed_follows_seed_unless_given() -> None:
 
 def test_labels_read_are_counted_and_selection_uses_held_out_labelled_images(
         tiny_store: str, tmp_path: Path) -> None:
-    from tasks.episodes import hold_out, label_budget
-    from tasks.store import open_dataset
-    from tasks.training import labelled_data
+    from tasks.data.store import open_dataset
+    from tasks.fewshot.episodes import hold_out, label_budget
+    from tasks.fewshot.training import labelled_data
 
     ds = open_dataset(tiny_store, "synth")
     cfg = _cfg(tiny_store, tmp_path, "panet", budget=0.5, seed=2)
@@ -162,8 +162,8 @@ def test_sgd_trains_and_resumes(tiny_store: str, tmp_path: Path) -> None:
 
 
 def test_named_novel_classes_replace_the_fold(tiny_store: str, tmp_path: Path) -> None:
-    from tasks.store import open_dataset
-    from tasks.training import evaluate_fold, split_classes
+    from tasks.data.store import open_dataset
+    from tasks.fewshot.training import evaluate_fold, split_classes
 
     ds = open_dataset(tiny_store, "synth")
     named = _cfg(tiny_store, tmp_path, "panet", novel_classes=[ds.classes[3], 7])

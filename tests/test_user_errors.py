@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.synth import VERSION
+from tasks.data.synth import VERSION
 
 
 def _fss(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -56,7 +56,7 @@ class _Payload:
 
 @pytest.mark.parametrize("content", [b"", b"\x80\x04K", "payload", "not-a-dict", "no-model"])
 def test_load_state_names_the_file(tmp_path: Path, content) -> None:
-    from tasks.training import load_state
+    from tasks.fewshot.training import load_state
 
     path = tmp_path / "x.pt"
     if content == "payload":
@@ -147,7 +147,7 @@ def test_a_disk_full_mid_ingest_loses_nothing(synth_root: Path, tmp_path: Path,
     import numpy as np
     import zarr
 
-    from tasks import ingest, store
+    from tasks.data import ingest, store
 
     voc = str(synth_root / "voc")
     kw = dict(splits=["train", "val"], size=32, shard_size=16)
@@ -181,7 +181,7 @@ def test_a_disk_full_mid_ingest_loses_nothing(synth_root: Path, tmp_path: Path,
 
 def test_a_disk_full_mid_checkpoint_keeps_the_previous_one(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks import training
+    from tasks.fewshot import training
 
     path = tmp_path / "checkpoints" / "last.pt"
     training.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "step": 2})

@@ -147,8 +147,8 @@ def test_mismatches_are_refused(tmp_path: Path) -> None:
 
 def test_dino_embedder_contract(vit_s8_file: tuple[Path, VisionTransformer],
                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks import embeddings
-    from tasks.dino import dino_embedder
+    from tasks.labelfree import embeddings
+    from tasks.labelfree.dino import dino_embedder
 
     path, src = vit_s8_file
     monkeypatch.setitem(embeddings.EMBEDDERS, "dino", dino_embedder)

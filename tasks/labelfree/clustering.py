@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from skimage.segmentation import felzenszwalb
 
-from tasks import jsonsafe, store
+from tasks import jsonsafe
+from tasks.data import store
 
 KIND = "pseudo"
 MASK, COUNTS, SPANS, PROTOTYPES = "mask", "counts", "spans", "prototypes"
@@ -542,7 +543,7 @@ def log_report(report: dict[str, Any], files: Sequence[Path], experiment: str,
     """
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import Tracker, ensure_experiment, tracking_uri
+    from tasks.study.tracking import Tracker, ensure_experiment, tracking_uri
 
     uri = tracking_uri()
     found = MlflowClient(uri).search_runs(

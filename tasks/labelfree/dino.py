@@ -1,6 +1,6 @@
 """The "dino" pixel embedder: last-layer patch tokens of a DINO ViT.
 
-Spec (json-able, see `tasks.embeddings`)::
+Spec (json-able, see `tasks.labelfree.embeddings`)::
 
     {"kind": "dino", "arch": "vit_small" | "vit_base", "patch_size": 8 | 16,
      "checkpoint": "path/to/dino_deitsmall8_pretrain.pth", "which": "teacher"}
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from models.vit import build_vit, load_vit_checkpoint
-from tasks.embeddings import Embedder
+from tasks.labelfree.embeddings import Embedder
 
 
 def dino_embedder(spec: dict[str, Any]) -> Embedder:

@@ -1,4 +1,5 @@
-"""The protocol's metrics (DESIGN.md, "Protocol"): class mIoU and FB-IoU over test episodes.
+"""The protocol's metrics (docs/architecture.md, "Protocol"): class mIoU and FB-IoU over test
+episodes.
 
 mIoU: for each class, intersections and unions are *summed over every episode* it appears in
 and divided once at the end (PFENet/HSNet), then averaged over the fold's classes. This is not
@@ -56,7 +57,7 @@ class SegmentationMeter:
         hold 255); episode label j+1 belongs to absolute class ``episode_classes[j]``.
 
         Returns the episode's (class id, intersection, union) per episode class: the rows that
-        a bootstrap over episodes resamples (``tasks/intervals.py``)."""
+        a bootstrap over episodes resamples (``tasks/study/intervals.py``)."""
         p, t = _numpy(pred), _numpy(target)
         if p.shape != t.shape or p.ndim != 2:
             raise ValueError(f"pred and target must be (H, W) of one shape, got {p.shape} and "

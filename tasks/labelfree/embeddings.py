@@ -6,7 +6,7 @@ after it and workers can rebuild it:
     {"kind": "backbone", "backbone": "small_resnet" | "resnet50", "layer": "layer4",
      "checkpoint": "path/to/weights.pth" | None, "prefix": None}
 
-    {"kind": "dino", ...}: DINO ViT patch tokens (tasks/dino.py)
+    {"kind": "dino", ...}: DINO ViT patch tokens (tasks/labelfree/dino.py)
 """
 
 from __future__ import annotations
@@ -69,7 +69,9 @@ def _backbone_embedder(spec: dict[str, Any]) -> Embedder:
 
 
 def _dino_embedder(spec: dict[str, Any]) -> Embedder:
-    from tasks.dino import dino_embedder  # imported on use: the ViT code is not needed otherwise
+    from tasks.labelfree.dino import (
+        dino_embedder,  # imported on use: the ViT code is not needed otherwise
+    )
 
     return dino_embedder(spec)
 

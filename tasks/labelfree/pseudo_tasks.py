@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tasks.episodes import Episode
-from tasks.store import Dataset, Derived
+from tasks.data.store import Dataset, Derived
+from tasks.fewshot.episodes import Episode
 
 IGNORE = 255
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tasks.episodes import IGNORE, Episode
-from tasks.metrics import episode_iou
+from tasks.fewshot.episodes import IGNORE, Episode
+from tasks.fewshot.metrics import episode_iou
 
 # Episode label j+1 -> colour; saturated and far apart so that 5-way episodes stay readable.
 PALETTE = np.array([

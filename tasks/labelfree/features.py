@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks import store
-from tasks.embeddings import Embedder, load_embedder
+from tasks.data import store
+from tasks.labelfree.embeddings import Embedder, load_embedder
 
 KIND = "features"
 FIELD = "features"

@@ -3,7 +3,7 @@
 The DESIGN's default backbone when no checkpoint is given: `models.dense_ssl` trained on the
 training split's images only. No label can reach this stage: images are read through
 `UnlabelledImages`, which opens the image array and the id/split/status columns of the index
-and nothing else (`tasks.store.Dataset` reads the per-class pixel counts when it opens).
+and nothing else (`tasks.data.store.Dataset` reads the per-class pixel counts when it opens).
 
 Outputs in ``out_dir``: ``backbone.pth`` (a plain backbone state dict: `load_checkpoint` and the
 "backbone" embedder load it), ``pretrain.json`` (parameters, loss curve, speed) and
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from models.dense_ssl import Augment, DenseSSL
 from tasks import jsonsafe
-from tasks.store import LabelAccessError, UnlabelledImages  # noqa: F401 - re-exported
+from tasks.data.store import LabelAccessError, UnlabelledImages  # noqa: F401 - re-exported
 
 FORMAT = 1  # bump when the training recipe changes, so old outputs are not taken as current
 BACKBONE_FILE, SUMMARY_FILE = "backbone.pth", "pretrain.json"

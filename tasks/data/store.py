@@ -33,10 +33,10 @@ a changed parameter makes a new group and never overwrites an old one.
 
 Chunks hold one image; shards hold ``shard_size`` images and every per-row index array is
 chunked by the same rows, so exactly one writer owns each shard (partial-shard writes through
-Dask lose data silently: see DESIGN.md). A shard's ``shard_done`` flag is written last, so a crash
-leaves it unset and a rerun rewrites it; a finished shard is skipped. A version is a hash of the
-ingest parameters and the source fingerprint: a changed parameter makes a new version instead of
-overwriting the old one.
+Dask lose data silently: see docs/architecture.md). A shard's ``shard_done`` flag is written last,
+so a crash leaves it unset and a rerun rewrites it; a finished shard is skipped. A version is a
+hash of the ingest parameters and the source fingerprint: a changed parameter makes a new version
+instead of overwriting the old one.
 """
 
 from __future__ import annotations
@@ -714,7 +714,7 @@ class Dataset:
     def box(self, image_id: str) -> tuple[int, int, int, int]:
         """``(top, left, height, width)`` of the image inside its canonical square: the whole
         square, or with resize "pad" the part that is not padding. Crop logits to it before
-        upsampling them to ``original_mask``'s size (`tasks.metrics.upsample_logits_to`)."""
+        upsampling them to ``original_mask``'s size (`tasks.fewshot.metrics.upsample_logits_to`)."""
         top, left, h, w = self._boxes[self.row(image_id)]
         return int(top), int(left), int(h), int(w)
 

@@ -17,13 +17,11 @@ from typing import Any
 import yaml
 from filelock import FileLock
 
-from tasks.config import TrainConfig, config_digest
-from tasks.episodes import label_budget
-from tasks.jsonsafe import json_safe
-from tasks.overlays import render_grid
-from tasks.store import Dataset, open_dataset
-from tasks.tracking import Tracker, code_version
-from tasks.training import (
+from tasks.data.store import Dataset, open_dataset
+from tasks.fewshot.config import TrainConfig, config_digest
+from tasks.fewshot.episodes import label_budget
+from tasks.fewshot.overlays import render_grid
+from tasks.fewshot.training import (
     EvalResult,
     build_model,
     evaluate_fold,
@@ -32,12 +30,14 @@ from tasks.training import (
     train,
     write_json,
 )
+from tasks.jsonsafe import json_safe
+from tasks.study.tracking import Tracker, code_version
 
 RESULT = "result.json"
 MODEL_INPUTS = ("model(support_img, support_mask, query_img, n_ways) -> logits (B, n_ways + 1, "
                 "H, W): support_img (B, S, 3, H, W) and query_img (B, 3, H, W) float32 "
                 "normalised with the ImageNet mean/std, support_mask (B, S, H, W) int64 "
-                "episode labels (255 ignored); tasks.episodes.batch_to_tensors builds them")
+                "episode labels (255 ignored); tasks.fewshot.episodes.batch_to_tensors builds them")
 
 
 def budget_str(budget: float) -> str:
@@ -197,7 +197,7 @@ def write_eval_artifacts(folder: Path, r: EvalResult, class_names: list[str]) ->
         w.writerow(["class", "iou"])
         w.writerows([[k, f"{v:.4f}"] for k, v in r.per_class.items()])
         w.writerows([["mIoU", f"{r.miou:.4f}"], ["FB-IoU", f"{r.fbiou:.4f}"]])
-    # One row per (episode, episode class): the paired bootstrap of tasks/intervals.py
+    # One row per (episode, episode class): the paired bootstrap of tasks/study/intervals.py
     # resamples these, and the same episode index is the same test episode in every point.
     with open(folder / "episodes.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -227,13 +227,13 @@ def register_study_models(results: Any, study: str) -> dict[str, dict[str, str]]
     """Register one trained point per model of a study, under `fss-<model>` with the study as
     its alias: the largest budget, and of its seeds the one with the best mIoU on its held-out
     labelled images (`val/best_miou`; the test fold never chooses). `results` are the study's
-    finished points (tasks.report.child_results). Points logged without a model are passed
+    finished points (tasks.study.report.child_results). Points logged without a model are passed
     over. Returns model -> name, alias, version, run id."""
     import re
 
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import MODEL_URI_TAG, register_model, tracking_uri
+    from tasks.study.tracking import MODEL_URI_TAG, register_model, tracking_uri
 
     client = MlflowClient(tracking_uri())
     alias = re.sub(r"[^\w-]+", "-", study).strip("-") or "study"

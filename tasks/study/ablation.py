@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tasks.config import TrainConfig, apply_overrides, from_dict, parse_value
+from tasks.fewshot.config import TrainConfig, apply_overrides, from_dict, parse_value
 
 GRID_KEYS = ("model", "budget", "fold", "shots", "ways", "seed", "budget_seed")
 

@@ -1,5 +1,5 @@
 """Dataset readers: one interface over PASCAL VOC (and the VOC layout), COCO, and any layout
-described by a layout file (`tasks.layout`).
+described by a layout file (`tasks.data.layout`).
 
 A reader lists the items of one split and loads each as ``(image, mask)``: an ``HxWx3`` uint8
 RGB image and an ``HxW`` uint8 mask of *our* contiguous class ids (0 = background,
@@ -197,14 +197,14 @@ def make_reader(
 
     For COCO, ``list_file`` names the annotation json explicitly; ``classes_file`` is refused
     because COCO's classes come from its json. For "layout", ``root`` is the layout file
-    (`tasks.layout`), which names the dataset root, the files and the classes itself.
+    (`tasks.data.layout`), which names the dataset root, the files and the classes itself.
     """
     kind = source.lower()
     if kind == "layout":
         if classes_file is not None or list_file is not None:
             raise ValueError("a layout file names the classes and the files itself; drop "
                              "classes_file and list_file")
-        from tasks.layout import LayoutReader
+        from tasks.data.layout import LayoutReader
 
         return LayoutReader(root, split)
     if kind == "voc":
@@ -304,7 +304,7 @@ def exif_orientation(im: Image.Image) -> int:
 def _to_rgb(im: Image.Image) -> np.ndarray:
     # EXIF orientation is not applied here: VOC and COCO annotate the stored pixels (their
     # masks and annotated sizes are those of the stored grid); a layout file chooses
-    # (`orientation`, tasks/layout.py) and applies it before calling this.
+    # (`orientation`, tasks/data/layout.py) and applies it before calling this.
     if im.mode == "P":
         im = im.convert("RGBA")  # palette transparency must go through RGBA (Pillow warns)
     if im.mode != "RGB":

@@ -32,13 +32,13 @@ from models.backbones import build_backbone, load_checkpoint
 from models.metasegnet import MetaSegNet
 from models.panet import PANet
 from models.umt import UMTTransformer
-from tasks.config import TrainConfig, config_digest
-from tasks.embeddings import to_input
-from tasks.episodes import Episode, EpisodeSampler, batch_to_tensors, hold_out, label_budget
-from tasks.folds import base_classes, fold_classes
-from tasks.metrics import SegmentationMeter, upsample_logits_to
-from tasks.pseudo_tasks import PseudoEpisodeSampler
-from tasks.store import Dataset, list_derived, open_dataset, open_derived
+from tasks.data.folds import base_classes, fold_classes
+from tasks.data.store import Dataset, list_derived, open_dataset, open_derived
+from tasks.fewshot.config import TrainConfig, config_digest
+from tasks.fewshot.episodes import Episode, EpisodeSampler, batch_to_tensors, hold_out, label_budget
+from tasks.fewshot.metrics import SegmentationMeter, upsample_logits_to
+from tasks.labelfree.embeddings import to_input
+from tasks.labelfree.pseudo_tasks import PseudoEpisodeSampler
 
 MetricsHook = Callable[[dict[str, float], int], None]
 
@@ -207,7 +207,7 @@ def evaluate(model: nn.Module, sampler: EpisodeSampler, *, episodes: int,
              class_names: Sequence[str], device: torch.device, scoring: str = "pfenet",
              batch_size: int = 16, keep_samples: int = 0, progress: bool = False,
              desc: str = "evaluate", cache: FrozenFeatureCache | None = None) -> EvalResult:
-    """Score `episodes` episodes of `sampler` by the protocol of DESIGN.md.
+    """Score `episodes` episodes of `sampler` by the protocol of docs/architecture.md.
 
     mIoU sums intersections and unions per class over all episodes before dividing; FB-IoU is
     the mean of accumulated foreground and background IoU; 255 pixels are ignored. With

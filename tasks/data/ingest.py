@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tasks import store
-from tasks.readers import BadItem, DatasetError, Item, Reader
+from tasks.data import store
+from tasks.data.readers import BadItem, DatasetError, Item, Reader
 
 DEFAULT_SIZE = 144
 DEFAULT_SHARD_SIZE = 64
@@ -233,7 +233,7 @@ def ingest_shard(store_url: str, name: str, version: str, shard: int, items: Seq
 def default_splits(source: str, root: str) -> list[str]:
     """The splits to ingest when none are named: a layout file's own, else train and val."""
     if source.lower() == "layout":
-        from tasks.layout import load_layout
+        from tasks.data.layout import load_layout
 
         return list(load_layout(root)[0].splits)
     return ["train", "val"]
@@ -250,7 +250,7 @@ def ingest_dataset(source: str, root: str, store_url: str, name: str, *,
     other ingests of the same dataset into a local store (`store.create_dataset`). For
     ``source="layout"``, ``root`` is the layout file; ``splits`` default to its own.
     """
-    from tasks.readers import make_reader
+    from tasks.data.readers import make_reader
 
     readers = [make_reader(source, root, s, classes_file=classes_file, list_file=list_file)
                for s in splits or default_splits(source, root)]

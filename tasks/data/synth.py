@@ -451,7 +451,7 @@ def synthesize(out_dir: str | Path, *, n_train: int = 600, n_val: int = 200, siz
             bar.update()
         (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
         info = {"description": f"synthetic few-shot segmentation benchmark ({split})",
-                "version": str(VERSION), "year": 2026, "contributor": "tasks.synth"}
+                "version": str(VERSION), "year": 2026, "contributor": "tasks.data.synth"}
         with open(coco / "annotations" / f"instances_{split}.json", "w") as f:
             json.dump({"info": info, "licenses": [], "images": images, "annotations": anns,
                        "categories": categories}, f, separators=(",", ":"))

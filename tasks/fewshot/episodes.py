@@ -1,7 +1,7 @@
 """Episode samplers and label budgets: what a training step or a test episode is made of.
 
-An N-way K-shot episode (DESIGN.md, "Protocol") draws N distinct classes, a query image holding
-at least one of them and, for each class, K support images (all different from the query)
+An N-way K-shot episode (docs/architecture.md, "Protocol") draws N distinct classes, a query image
+holding at least one of them and, for each class, K support images (all different from the query)
 whose masks show only that class. Episode class ``j`` is labelled ``j + 1``; every other class,
 base or novel, becomes background 0; the ignore label 255 stays 255.
 
@@ -31,7 +31,7 @@ from itertools import count
 import numpy as np
 import torch
 
-from tasks.store import Dataset
+from tasks.data.store import Dataset
 
 IGNORE = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -55,7 +55,7 @@ import yaml
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from tasks.readers import (
+from tasks.data.readers import (
     IGNORE,
     MAX_CLASSES,
     ORIENTATIONS,

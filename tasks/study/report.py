@@ -1,7 +1,7 @@
 """Ablation summaries read back from MLflow: intervals per budget, the budget estimate, a plot.
 
 The flow and `fss report` share this code, and it reads only MLflow, so it works the same on a
-finished study and on one that is still running. The statistics live in `tasks/intervals.py`:
+finished study and on one that is still running. The statistics live in `tasks/study/intervals.py`:
 per budget, mIoU with a 95 % hierarchical paired bootstrap interval (seeds and test episodes
 resampled), its difference to and fraction of the 100 % budget, and per model the labelled
 images needed for 90 % and 95 % of full supervision. Runs logged before the per-episode
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks import intervals
-from tasks.intervals import BudgetEstimate, PowerLawFit
+from tasks.study import intervals
+from tasks.study.intervals import BudgetEstimate, PowerLawFit
 
 STUDY_TAG = "fss.study"
 KIND_TAG = "fss.kind"
@@ -52,7 +52,7 @@ def parent_run(experiment: str, study: str | None = None) -> Any | None:
     """The latest ablation parent run of an experiment (of one study, if named)."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import tracking_uri
+    from tasks.study.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri())
     exp = client.get_experiment_by_name(experiment)
@@ -70,7 +70,7 @@ def studies(experiment: str) -> list[str] | None:
     """The studies with a parent run in an experiment (None when the experiment does not exist)."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import tracking_uri
+    from tasks.study.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri())
     exp = client.get_experiment_by_name(experiment)
@@ -86,7 +86,7 @@ def child_results(parent_run_id: str) -> pd.DataFrame:
     classes scored and dropped (comma-separated, None when not recorded) and its run id."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import tracking_uri
+    from tasks.study.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri())
     parent = client.get_run(parent_run_id)
@@ -122,7 +122,7 @@ def _download(run_id: str, artifact: str, cache_dir: Path | None = None) -> byte
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    from tasks.tracking import tracking_uri
+    from tasks.study.tracking import tracking_uri
 
     # One progress bar per run would bury the report.
     quiet = os.environ.get(_PROGRESS_BAR)
@@ -168,7 +168,7 @@ def load_episodes(results: pd.DataFrame, cache_dir: Path | None = None) -> dict[
 @dataclass
 class PointArtifacts:
     """What the HTML report shows of one point: its per-class IoU (`PER_CLASS_ARTIFACT`: rows
-    `class, iou`, mIoU and FB-IoU last, as tasks/experiment.py writes them) and its overlay
+    `class, iou`, mIoU and FB-IoU last, as tasks/fewshot/experiment.py writes them) and its overlay
     grid (`OVERLAYS_ARTIFACT`, PNG bytes); None where the run has none."""
 
     per_class: pd.DataFrame | None = None
@@ -605,7 +605,7 @@ def _overlay_img(png: bytes, alt: str) -> str:
 
 
 def point_name(row: Any) -> str:
-    """A point in words, as tasks/experiment.py names its runs: `umt 20% seed 1`, plus the
+    """A point in words, as tasks/fewshot/experiment.py names its runs: `umt 20% seed 1`, plus the
     fold, ways and shots and the budget draw where they are not the defaults."""
     parts = [str(row.model), f"{100 * float(row.budget):g}%"]
     if str(row.fold) != "0":

@@ -3,7 +3,7 @@
 Default tracking URI: `sqlite:///mlflow.db` in the working folder (MLflow 3 refuses the file
 store), artifacts in `./mlartifacts`. `MLFLOW_TRACKING_URI` points everything at a server. The
 SQLite DB and the experiment are created under a file lock beside the DB: several processes
-migrating a fresh DB at once fail (`duplicate column name`, DESIGN.md).
+migrating a fresh DB at once fail (`duplicate column name`, docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
         db = Path(uri.removeprefix("sqlite:///")).absolute()
         location = (db.parent / DEFAULT_ARTIFACTS).as_uri()  # beside the DB, whatever the cwd
         # The first access migrates a fresh DB; two processes migrating at once corrupt it
-        # (DESIGN.md), so creation is serialised across processes.
+        # (docs/architecture.md), so creation is serialised across processes.
         db.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(f"{db}.lock")
     with lock:
@@ -201,7 +201,8 @@ class Tracker:
         """`model` as an MLflow PyTorch model of this run; returns its `models:/` URI, also kept
         in the run's `fss.model_uri` tag. Pickled with the `models/` code beside it: our models
         take an episode (several tensors and `n_ways`), which the default torch.export format
-        cannot take from one input example (DESIGN.md). Load with mlflow.pytorch.load_model."""
+        cannot take from one input example (docs/architecture.md). Load with
+        mlflow.pytorch.load_model."""
         import mlflow
         import torch
 

@@ -1,6 +1,6 @@
 """Intervals for label-budget ablations, and how many labelled images a target mIoU needs.
 
-Plain numpy/scipy on per-episode sums; `tasks/report.py` feeds it from MLflow.
+Plain numpy/scipy on per-episode sums; `tasks/study/report.py` feeds it from MLflow.
 
 **Intervals.** A hierarchical, paired percentile bootstrap. The two sources of noise in an
 ablation point are the training run (seed, budget draw) and the finite test set, so each
@@ -12,9 +12,9 @@ replicate resamples both:
    the per-episode intersections and unions, I (E, C) -> W @ I.
 
 Each class's IoU is then its resampled summed intersection over its resampled summed union (the
-protocol's metric, `tasks/metrics.py`; never a mean of per-episode IoUs) and the statistic is
-the mean over the resampled seeds of each run's mIoU. Several folds are strata: each is
-resampled on its own and the folds' values are averaged.
+protocol's metric, `tasks/fewshot/metrics.py`; never a mean of per-episode IoUs) and the
+statistic is the mean over the resampled seeds of each run's mIoU. Several folds are strata:
+each is resampled on its own and the folds' values are averaged.
 
 Pairing: every point of a study is scored on the same test episodes, so one episode draw per
 replicate is shared by all runs and budgets, and one seed draw is shared by all budgets. The
