@@ -75,7 +75,7 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
         return client.create_experiment(name, artifact_location=location)
 
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 def git_commit() -> str | None:
