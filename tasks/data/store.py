@@ -1334,7 +1334,7 @@ class Derived:
 def open_derived(store_url: str, name: str, key: str, version: str | None = None, *,
                  cache_bytes: int = 256 << 20, storage_options: dict | None = None) -> Derived:
     """Open a derived group of a dataset version (the latest complete one unless named)."""
-    version = resolve_version(store_url, name, version)
+    version = resolve_version(store_url, name, version, storage_options=storage_options)
     root = _root(store_url, mode="r", storage_options=storage_options)
     path = _derived_path(name, version, key)
     if path not in root or not root[path].attrs.get("created"):
