@@ -138,7 +138,7 @@ def test_loss_decreases_on_toy_data(ema: bool) -> None:
 
 
 def _record_store_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every key any Zarr array or group reads from a local store (data and metadata)."""
+    """Every key any Zarr array or group, or the store's row readers, read from a local store."""
     keys: list[str] = []
     get, get_partial = zarr.storage.LocalStore.get, zarr.storage.LocalStore.get_partial_values
 
@@ -153,6 +153,14 @@ def _record_store_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(zarr.storage.LocalStore, "get", spy_get)
     monkeypatch.setattr(zarr.storage.LocalStore, "get_partial_values", spy_partial)
+    # The store's row readers read bytes of a local store directly (one pread per row).
+    read = store._ByteRanges.read
+
+    def spy_read(self, key, *args, **kwargs):
+        keys.append(key)
+        return read(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(store._ByteRanges, "read", spy_read)
     return keys
 
 
