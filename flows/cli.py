@@ -155,7 +155,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.config:
             cfg = load_config(args.config, args.set)
         else:  # the checkpoint carries the config it was trained with
-            cfg = from_dict(apply_overrides(state["config"], args.set))
+            origins: dict = {}
+            cfg = from_dict(apply_overrides(state["config"], args.set, origins), origins,
+                            where=f"{ckpt} (its config)")
         model = build_model(cfg)
         model.load_state_dict(state["model"])
     ds = open_dataset(cfg.store, cfg.dataset)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tasks.fewshot.config import (
@@ -113,6 +114,8 @@ def test_integers_stay_integers_and_numbers_read_from_text() -> None:
     ("test_split=train",
      "--set test_split=train: test_split cannot be 'train': the labelled images come from it"),
     ("steps", "--set expects key=value, got 'steps'"),
+    ("novel_classes=[car", "--set novel_classes=[car: the value is not YAML (expected ',' or "
+                           "']', but got '<stream end>'); quote it or write a list as [a, b]"),
 ])
 def test_bad_overrides_are_one_line_naming_key_value_and_expectation(
         override: str, message: str) -> None:
@@ -211,6 +214,14 @@ def test_refused_commands_exit_2_and_create_nothing(tmp_path: Path) -> None:
     assert ablate.stderr.strip() == ("fss: error: --grid budget=[0.2, 1.5]: budget: expected "
                                      "a number >= 0 and <= 1, got 1.5")
     assert list(tmp_path.iterdir()) == []
+    # A checkpoint's own config, overridden.
+    checkpoint = tmp_path / "c.pt"
+    torch.save({"model": {}, "config": {"model": "panet"}}, checkpoint)
+    evaluate = _fss("evaluate", "--checkpoint", str(checkpoint), "--set", "test_shots=[0]",
+                    cwd=tmp_path)
+    assert evaluate.returncode == 2, evaluate.stderr
+    assert evaluate.stderr.strip() == ("fss: error: --set test_shots=[0]: test_shots: expected "
+                                       "a list, each an integer >= 1, got [0]")
 
 
 def test_train_flow_takes_a_typed_config() -> None:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import annotated_types
 import yaml
 from pydantic import (
     AfterValidator,
@@ -37,6 +36,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 ModelName = Literal["metasegnet", "panet", "umt"]
@@ -69,6 +69,15 @@ def _finite(value: float) -> float:
     return value
 
 
+DEVICES = "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'"
+
+
+def _device(name: str) -> str:
+    if name in ("auto", "cpu", "mps", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()):
+        return name
+    raise ValueError(f"expected {DEVICES}, got {name!r}")
+
+
 def as_list(value: Any) -> Any:
     """A single value where a list goes is a list of one (`test_shots: 5` is `[5]`)."""
     return value if value is None or isinstance(value, list | tuple) else [value]
@@ -78,9 +87,9 @@ def as_list(value: Any) -> Any:
 # MLflow run name) it had when it was a dataclass (`ce_weight: 1` and `ce_weight: 1.0` differ).
 Number = Annotated[StrictInt | StrictFloat, BeforeValidator(_number_from_text),
                    AfterValidator(_finite)]
-Count = Annotated[StrictInt, annotated_types.Ge(1)]
-Fraction = Annotated[Number, annotated_types.Ge(0), annotated_types.Le(1)]
-Name = Annotated[str, annotated_types.MinLen(1)]
+Count = Annotated[StrictInt, Field(ge=1)]
+Fraction = Annotated[Number, Field(ge=0, le=1)]
+Name = Annotated[str, Field(min_length=1)]
 
 
 def expected_note(text: str) -> dict[str, Any]:
@@ -98,10 +107,10 @@ class TrainConfig(BaseModel):
     model: ModelName = Field("metasegnet", description="The few-shot model.")
     store: Name = Field("data/store.zarr", description="The Zarr store: a path or fsspec URL.")
     dataset: Name = Field("synth", description="The dataset's name in the store.")
-    fold: Annotated[StrictInt, annotated_types.Ge(0)] = Field(
+    fold: Annotated[StrictInt, Field(ge=0)] = Field(
         0, description="The fold whose classes are tested (0..n_folds-1); the others are the "
                        "base classes. Ignored when `novel_classes` names the classes.")
-    n_folds: Annotated[StrictInt, annotated_types.Ge(2)] = Field(
+    n_folds: Annotated[StrictInt, Field(ge=2)] = Field(
         4, description="How many folds the foreground classes are split into.")
     fold_variant: Literal["auto", "interleaved", "consecutive"] = Field(
         "auto", description="How classes are assigned to folds: `auto` is PASCAL-5i for 20 "
@@ -117,15 +126,15 @@ class TrainConfig(BaseModel):
     shots: Count = Field(1, description="Support images per class in a training episode.")
     budget: Fraction = Field(1.0, description="Fraction of training images whose masks may be "
                                               "used.")
-    budget_seed: Annotated[StrictInt, annotated_types.Ge(0)] | None = Field(
+    budget_seed: Annotated[StrictInt, Field(ge=0)] | None = Field(
         None, description="Which images are labelled: one draw of nested subsets (5 % ⊂ 10 % "
                           "⊂ ...) per budget seed; null follows `seed`, so every seed of a "
                           "study also resamples the labelled subset.")
-    val_fraction: Annotated[Number, annotated_types.Ge(0), annotated_types.Lt(1)] = Field(
+    val_fraction: Annotated[Number, Field(ge=0, lt=1)] = Field(
         0.2, description="Share of a point's labelled images held out from training to select "
                          "its checkpoint (never the test split); too few to form episodes, "
                          "and the last checkpoint is kept.")
-    min_pixels: Annotated[StrictInt, annotated_types.Ge(0)] = Field(
+    min_pixels: Annotated[StrictInt, Field(ge=0)] = Field(
         2 * 32 * 32, description="Region floor at original resolution: an image is eligible "
                                  "for a class when it holds at least this many of its pixels.")
     pseudo: Name | None = Field(None, description="Pseudo meta-tasks (`fss pseudo`): the "
@@ -135,7 +144,7 @@ class TrainConfig(BaseModel):
         "finetune", description="With pseudo tasks and labels: `finetune` runs `pseudo_steps` "
                                 "pseudo steps before the `steps` labelled ones (at budget 0 "
                                 "they are all there is); `mixed` interleaves them.")
-    pseudo_steps: Annotated[StrictInt, annotated_types.Ge(0)] = Field(
+    pseudo_steps: Annotated[StrictInt, Field(ge=0)] = Field(
         0, description="finetune: pseudo steps before the `steps` labelled ones.")
     mixed_pseudo_fraction: Fraction = Field(
         0.5, description="mixed: share of the `steps` that are pseudo episodes.")
@@ -145,12 +154,12 @@ class TrainConfig(BaseModel):
     batch_size: Count = Field(8, description="Episodes per step.")
     optimizer: Optimizer = Field("adamw", description="`adamw`, or `sgd` with `momentum` "
                                                       "(PANet's reference).")
-    lr: Annotated[Number, annotated_types.Gt(0)] = Field(
+    lr: Annotated[Number, Field(gt=0)] = Field(
         1e-3, description="Peak learning rate (warm-up, then cosine decay).")
-    momentum: Annotated[Number, annotated_types.Ge(0)] = Field(0.9, description="sgd only.")
-    weight_decay: Annotated[Number, annotated_types.Ge(0)] = Field(
+    momentum: Annotated[Number, Field(ge=0)] = Field(0.9, description="sgd only.")
+    weight_decay: Annotated[Number, Field(ge=0)] = Field(
         1e-4, description="Decoupled (AdamW) or L2 (SGD) weight decay.")
-    seed: Annotated[StrictInt, annotated_types.Ge(0)] = Field(
+    seed: Annotated[StrictInt, Field(ge=0)] = Field(
         0, description="Seed of the initial weights and the training episodes.")
     backbone: Literal["small_resnet", "resnet50"] = Field(
         "small_resnet", description="The (dilated) backbone: a small ResNet for CPU training "
@@ -161,7 +170,7 @@ class TrainConfig(BaseModel):
     model_args: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments of the model class (e.g. "
                                           "`dim`, `freeze_backbone`); `--set model_args.dim=64`.")
-    ce_weight: Annotated[Number, annotated_types.Ge(0)] = Field(
+    ce_weight: Annotated[Number, Field(ge=0)] = Field(
         0.0, description="UMT: Dice (the paper's loss) + ce_weight x cross-entropy.")
     cache_features: StrictBool = Field(
         False, description="UMT, frozen backbone: compute backbone features once.")
@@ -172,20 +181,18 @@ class TrainConfig(BaseModel):
     val_episodes: Count = Field(100, description="Episodes per validation.")
     test_episodes: Count = Field(1000, description="Test episodes per setting.")
     test_shots: Annotated[list[Count], BeforeValidator(as_list),
-                          annotated_types.MinLen(1)] = Field(
+                          Field(min_length=1)] = Field(
         default_factory=lambda: [1, 5], description="Shots of the test settings.")
     test_ways: Annotated[list[Count] | None, BeforeValidator(as_list)] = Field(
         None, description="Ways of the test settings; null: the training ways.")
-    test_seed: Annotated[StrictInt, annotated_types.Ge(0)] = Field(
+    test_seed: Annotated[StrictInt, Field(ge=0)] = Field(
         321, description="Seed of the test episodes (the same for every point of a study).")
     scoring: Literal["pfenet", "hsnet"] = Field(
         "pfenet", description="`pfenet`: original-size labels; `hsnet`: resized labels.")
-    device: Annotated[str, annotated_types.Predicate(
-        lambda d: d in ("auto", "cpu", "mps", "cuda")
-        or (d.startswith("cuda:") and d[5:].isdigit()))] = Field(
+    device: Annotated[str, AfterValidator(_device)] = Field(
         "auto", description="Torch device; `auto` is CUDA when available, else the CPU.",
-        json_schema_extra=expected_note("'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'"))
-    threads: Annotated[StrictInt, annotated_types.Ge(0)] = Field(
+        json_schema_extra=expected_note(DEVICES))
+    threads: Annotated[StrictInt, Field(ge=0)] = Field(
         0, description="Torch threads on CPU; 0 = torch's default.")
     system_metrics: StrictBool = Field(
         False, description="MLflow system metrics (system/cpu_utilization_percentage, memory, "
@@ -255,9 +262,17 @@ class Origin:
     key: str
 
 
+def _constraints(metadata: Iterable[Any]) -> list[Any]:
+    """The annotated-types constraints in `metadata`, also those inside a `Field(...)`."""
+    out = []
+    for m in metadata:
+        out += _constraints(m.metadata) if isinstance(m, FieldInfo) else [m]
+    return out
+
+
 def _bounds(metadata: Iterable[Any]) -> str:
     words = []
-    for m in metadata:
+    for m in _constraints(metadata):
         for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
             if getattr(m, attr, None) is not None:
                 words.append(f"{op} {getattr(m, attr)}")
@@ -289,7 +304,8 @@ def type_text(annotation: Any, metadata: Iterable[Any] = ()) -> str:
     if annotation is bool:
         return "true or false"
     if annotation is str:
-        return "a non-empty string" if any(getattr(m, "min_length", 0) for m in metadata) else (
+        return "a non-empty string" if any(getattr(m, "min_length", 0)
+                                           for m in _constraints(metadata)) else (
             "a string")
     if origin is list:
         (item,) = get_args(annotation)
@@ -379,18 +395,21 @@ def config_digest(cfg: TrainConfig, data_version: str) -> str:
 def parse_value(text: str) -> Any:
     """`--set` values are YAML scalars: 0.2, true, null, [1, 5] and plain strings all work; the
     config's types then check them (and read 1e-3, a string to YAML, as a number)."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text  # `--set store=a: b` is the string it spells, checked as such
+    return yaml.safe_load(text)
 
 
-def split_override(item: str) -> tuple[str, Any]:
+def split_override(item: str, flag: str = "--set") -> tuple[str, Any]:
     """`key=value` -> (key, parsed value); the key may be dotted (`model_args.dim`)."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set expects key=value, got {item!r}")
-    return key.strip(), parse_value(value)
+        form = "KEY=[values]" if flag == "--grid" else "key=value"
+        raise ConfigError(f"{flag} expects {form}, got {item!r}")
+    try:
+        return key.strip(), parse_value(value)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{flag} {item.strip()}: the value is not YAML ({problem}); quote "
+                          "it or write a list as [a, b]") from None
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: list[str],

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-import annotated_types
 import yaml
 from pydantic import (
     BaseModel,
@@ -43,8 +42,8 @@ from tasks.fewshot.config import (
     close_match_hint,
     describe_errors,
     expected_note,
-    parse_value,
     read_yaml,
+    split_override,
     validate,
 )
 
@@ -66,7 +65,7 @@ class StudySpec(BaseModel):
         default_factory=dict, description="Training-config keys shared by every point.",
         json_schema_extra=expected_note("a mapping of training-config keys"))
     grid: dict[str, Annotated[list[Any], BeforeValidator(as_list),
-                              annotated_types.MinLen(1)]] = Field(
+                              Field(min_length=1)]] = Field(
         default_factory=dict, description="Axes swept as a product, `KEY: [values]` (a single "
                                           "value is an axis of one); keys: the grid keys "
                                           "below.",
@@ -166,15 +165,11 @@ def _grid_items(items: list[str]) -> dict[str, Any]:
     """`--grid KEY=[values]` items as {KEY: [values]}."""
     out = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep:
-            raise ConfigError(f"--grid expects KEY=[values], got {item!r}")
+        key, values = split_override(item, "--grid")
         if key not in GRID_KEYS:
             raise ConfigError(f"--grid {item.strip()}: {key!r} is not sweepable"
                               f"{close_match_hint(key, GRID_KEYS)}; grid keys: "
                               f"{', '.join(GRID_KEYS)}")
-        values = parse_value(value)
         out[key] = values if isinstance(values, list) else [values]
     return out
 
