@@ -391,8 +391,7 @@ _LABELLED_ONLY = ("budget", "budget_seed", "val_fraction", "steps", "test_episod
 def pseudo_phase_config(cfg: TrainConfig) -> TrainConfig:
     """The config of `cfg`'s pseudo phase: that of its 0 % point, labelled-only keys reset."""
     defaults = TrainConfig()
-    return dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in _LABELLED_ONLY}
-                               | {"budget": 0.0})
+    return cfg.replace(**{k: getattr(defaults, k) for k in _LABELLED_ONLY} | {"budget": 0.0})
 
 
 def pseudo_phase_dir(cfg: TrainConfig, ds: Dataset) -> Path:
