@@ -25,11 +25,11 @@ from tasks.fewshot.training import (
     EvalResult,
     build_model,
     evaluate_fold,
-    load_state,
     save_initial,
     train,
 )
 from tasks.jsonsafe import write_json, write_text
+from tasks.loop import load_state
 from tasks.study.tracking import Tracker, code_version
 
 RESULT = "result.json"
