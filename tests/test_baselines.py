@@ -21,7 +21,8 @@ def test_all_foreground() -> None:
     # Its objective, the learned models' pixel cross-entropy, is lower where the truth is
     # foreground; 255 pixels count nowhere.
     target = torch.ones(2, 8, 8, dtype=torch.long)
-    batch = {"support_img": torch.zeros(2, 1, 3, 8, 8), "support_mask": torch.ones(2, 1, 8, 8).long(),
+    batch = {"support_img": torch.zeros(2, 1, 3, 8, 8),
+             "support_mask": torch.ones(2, 1, 8, 8, dtype=torch.long),
              "query_img": torch.zeros(2, 3, 8, 8), "query_mask": target}
     fg = AllForeground().compute_objective(batch, 1)
     target[:, :, 4:] = 0
