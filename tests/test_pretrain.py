@@ -250,14 +250,14 @@ def test_cli_runs_the_flow(tiny_store: str, tmp_path: Path,
 
 def test_summary_json_writes_null_for_nan(tmp_path: Path) -> None:
     """pretrain.json is valid JSON: a non-finite value (a loss part that is NaN) becomes null."""
-    from tasks.labelfree.pretrain import _save
+    from tasks.jsonsafe import write_json
 
     def refuse(token: str) -> None:
         raise ValueError(f"not JSON: {token}")
 
     nan, inf = float("nan"), float("inf")
-    _save(tmp_path / "pretrain.json",
-          {"loss_end": nan, "history": [[1, 2.5, inf, nan]], "steps_per_s": None})
+    write_json(tmp_path / "pretrain.json",
+               {"loss_end": nan, "history": [[1, 2.5, inf, nan]], "steps_per_s": None})
     saved = json.loads((tmp_path / "pretrain.json").read_text(), parse_constant=refuse)
     assert saved == {"loss_end": None, "history": [[1, 2.5, None, None]], "steps_per_s": None}
 

@@ -40,6 +40,8 @@ from pycocotools import mask as mask_utils
 from skimage import draw, measure
 from tqdm import tqdm
 
+from tasks.jsonsafe import write_text
+
 VERSION = 1
 SHAPES = ("blob", "star", "box", "triangle", "cross")
 TEXTURES = ("plain", "striped", "checked", "dotted")
@@ -473,8 +475,7 @@ def synthesize(out_dir: str | Path, *, n_train: int = 600, n_val: int = 200, siz
                   "coco_val_json": "coco/annotations/instances_val.json",
                   "coco_train_images": "coco/train", "coco_val_images": "coco/val"},
     }
-    tmp = root / "synth.json.tmp"  # synth.json appears last and whole: it marks completion
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    tmp.replace(meta)
+    # synth.json appears last and whole: it marks completion
+    write_text(meta, json.dumps(summary, indent=1) + "\n")
     marker.unlink()
     return _with_paths(summary, root)
