@@ -5,10 +5,9 @@ they complete."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from tqdm.auto import tqdm
 
@@ -19,6 +18,8 @@ Result = TypeVar("Result")
 # fast worker idle while a slow one finishes; more adds Prefect's per-task cost (state API
 # calls, events, logs: ~0.2 s of CPU a task here) for nothing.
 TASKS_PER_SLOT = 2
+# Prefect tasks that wait on Dask work at once in the flow's thread pool (a cap on the groups).
+MAX_TASKS_IN_FLIGHT = 64
 
 
 def artifact_slug(name: str) -> str:
@@ -48,17 +49,9 @@ def fan_out(submit: Callable[[Unit], PrefectFuture[Result]], units: Sequence[Uni
     return results
 
 
-def worker_slots() -> int:
-    """Task slots (threads) of the Dask cluster the current flow runs its tasks on; 1 when the
-    flow runs on another task runner or no worker has joined yet."""
-    ctx = FlowRunContext.get()
-    client = getattr(ctx.task_runner, "client", None) if ctx else None
-    if client is None:
-        return 1
-    try:
-        return max(1, sum(client.nthreads().values()))
-    except Exception:  # noqa: BLE001 - a runner whose client is not a Dask client
-        return 1
+def dask_slots(client: Any) -> int:
+    """Task slots (threads) of the Dask cluster behind ``client``; 1 before any worker joined."""
+    return max(1, sum(client.nthreads().values()))
 
 
 def group_units(units: Sequence[Unit], n_groups: int) -> list[list[Unit]]:
