@@ -207,3 +207,29 @@ def test_a_write_that_is_not_one_whole_shard_is_refused(tmp_path: Path) -> None:
         store._write_rows(array, 2, np.ones((4, 2), np.uint8))
     with pytest.raises(ValueError, match="rows 8..9 .* not one whole shard"):
         store._write_rows(array, 8, np.ones((1, 2), np.uint8))  # the last shard holds 2
+
+
+def test_stores_other_than_a_folder_get_the_same_bytes_through_their_own_api(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Object storage and the like: the writer puts each shard whole through zarr's store
+    API (a `MemoryStore` here) and deletes what zarr-python would delete."""
+    n = 2 * ROWS + 1
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 9, (n, 5, 5), dtype=np.uint8)
+    values[ROWS:2 * ROWS] = 255  # one shard of nothing but the fill value
+
+    def write(contents: dict) -> None:
+        array = zarr.create_array(zarr.storage.MemoryStore(contents), shape=values.shape,
+                                  dtype="uint8", chunks=(1, 5, 5), shards=(ROWS, 5, 5),
+                                  fill_value=255, compressors=store._MASK_CODEC)
+        for a, b in store.shard_bounds(n, ROWS):
+            store._write_rows(array, a, values[a:b])
+
+    fast: dict = {}
+    write(fast)
+    monkeypatch.setattr(store, "ENCODE_SHARDS_HERE", False)
+    reference: dict = {}
+    write(reference)
+    assert sorted(fast) == sorted(reference) and "c/1/0/0" not in fast
+    assert {k: v.to_bytes() for k, v in fast.items()} == {
+        k: v.to_bytes() for k, v in reference.items()}

@@ -502,8 +502,8 @@ def _chunk_encoder(codecs: Sequence[Any], dtype: Any) -> Callable[[np.ndarray], 
 
 class _KeyWriter:
     """Whole-object writes and deletes of a Zarr store's keys. Local folders: a temporary file
-    renamed over the key, so a reader never sees half a shard; anything else (object storage,
-    whose puts are atomic per object): zarr's store API."""
+    renamed over the key, so a reader never sees half a shard (as zarr-python's LocalStore
+    writes); anything else (object storage, whose puts are atomic per object): zarr's store API."""
 
     def __init__(self, store: Any):
         """``store``: a zarr store, or the path of a local store's folder."""
@@ -522,7 +522,7 @@ class _KeyWriter:
             return
         path = self._local + key
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        temp = f"{path}.{uuid.uuid4().hex}.partial"
+        temp = f"{path}.{uuid.uuid4().hex}.partial"  # zarr-python's own LocalStore does so too
         try:
             with open(temp, "xb") as f:
                 for part in parts:
