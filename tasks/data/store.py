@@ -43,6 +43,13 @@ Because a chunk is one row inside a Zarr v3 shard, a row is read as the sharding
 out: the shard's index (offsets and lengths, read once per shard) names the row's bytes, and one
 ranged read fetches exactly those (`_ShardedRows`, `_ByteRanges`); no shard is decoded whole to
 serve one image. The bytes on disk are what zarr-python writes and reads.
+
+Writes, symmetrically, encode a whole shard here (`_ArrayWriter`): each row's chunk through
+the array's own codec chain (numcodecs, as zarr-python applies it), the shard index with its
+crc32c, and one write of the shard file (a temporary file renamed into place on local folders,
+one put through zarr's store API elsewhere). The files are byte for byte those zarr-python
+writes (tests/test_store_writes.py); arrays with codecs or chunks it does not know are written
+through zarr-python.
 """
 
 from __future__ import annotations
