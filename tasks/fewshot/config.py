@@ -13,6 +13,7 @@ import yaml
 
 MODELS = ("metasegnet", "panet", "umt")
 OPTIMIZERS = ("adamw", "sgd")
+LOADER_WORKERS = 0  # TODO decide by benchmarks/loader.py
 
 
 @dataclass
@@ -67,6 +68,10 @@ class TrainConfig:
     scoring: str = "pfenet"  # "pfenet": original-size labels; "hsnet": resized labels
     device: str = "auto"
     threads: int = 0  # torch threads on CPU; 0 = torch's default
+    # Processes that read the next steps' episodes while a step trains (tasks/fewshot/loader.py;
+    # threads inside a Dask worker); 0 reads each batch when its step starts. Same batches
+    # either way, so not part of the run name's digest.
+    loader_workers: int = LOADER_WORKERS
     # MLflow system metrics (system/cpu_utilization_percentage, memory, disk, network, GPU with
     # nvidia-ml-py) sampled while the point trains and evaluates, every
     # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10); not part of the run name's digest.
@@ -97,6 +102,8 @@ class TrainConfig:
             raise ValueError("pseudo meta-tasks are 1-way episodes (ways: 1)")
         if self.pseudo and self.budget_mode == "finetune" and self.pseudo_steps < 1:
             raise ValueError("budget_mode finetune needs pseudo_steps >= 1")
+        if self.loader_workers < 0:
+            raise ValueError(f"loader_workers must be >= 0, got {self.loader_workers}")
         for name in ("steps", "batch_size", "ways", "shots", "checkpoint_every", "val_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -109,7 +116,8 @@ def config_digest(cfg: TrainConfig, data_version: str) -> str:
     """8 hex digits of everything that defines a trained model: its config (less where it is
     written and tracked, and whether system metrics are) and the data version."""
     config = cfg.to_dict() | {"out_dir": None, "experiment": None}
-    del config["system_metrics"]  # what is tracked, not what is trained: digests stay as they were
+    # What is tracked and how batches are read, not what is trained: digests stay as they were.
+    del config["system_metrics"], config["loader_workers"]
     blob = json.dumps({"config": config, "data": data_version}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 

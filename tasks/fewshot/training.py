@@ -35,7 +35,13 @@ from models.umt import UMTTransformer
 from tasks.data.folds import base_classes, fold_classes
 from tasks.data.store import Dataset, list_derived, open_dataset, open_derived
 from tasks.fewshot.config import TrainConfig, config_digest
-from tasks.fewshot.episodes import Episode, EpisodeSampler, batch_to_tensors, hold_out, label_budget
+from tasks.fewshot.episodes import (
+    Episode,
+    EpisodeSampler,
+    hold_out,
+    label_budget,
+)
+from tasks.fewshot.loader import EpisodeIds, StepBatch, step_batches
 from tasks.fewshot.metrics import SegmentationMeter, upsample_logits_to
 from tasks.labelfree.embeddings import to_input
 from tasks.labelfree.pseudo_tasks import PseudoEpisodeSampler
@@ -83,7 +89,7 @@ class FrozenFeatureCache:
                 self._feats[image_id] = {k: v[0] for k, v in self.model.extract(img).items()}
         return self._feats[image_id]
 
-    def batch(self, episodes: Sequence[Episode]) -> dict[str, dict[str, torch.Tensor]]:
+    def batch(self, episodes: Sequence[Episode | EpisodeIds]) -> dict[str, dict[str, torch.Tensor]]:
         queries = [self._get(ep.query_id) for ep in episodes]
         supports = [[self._get(i) for i in ep.support_ids] for ep in episodes]
         return {
@@ -123,11 +129,13 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def make_batch(episodes: Sequence[Episode], device: torch.device,
+def make_batch(episodes: Sequence[Episode] | StepBatch, device: torch.device,
                cache: FrozenFeatureCache | None = None) -> dict[str, Any]:
-    batch: dict[str, Any] = _to(batch_to_tensors(episodes), device)
+    """Model inputs on `device`: of episodes, or of a step's batch from the loader."""
+    loaded = episodes if isinstance(episodes, StepBatch) else StepBatch.of(-1, episodes)
+    batch: dict[str, Any] = _to(loaded.tensors, device)
     if cache is not None:
-        batch["features"] = cache.batch(episodes)
+        batch["features"] = cache.batch(loaded.episodes)
     return batch
 
 
@@ -262,10 +270,6 @@ class TrainResult:
     labels: dict[str, int] = field(default_factory=lambda: {"images": 0, "pixels": 0})
     selection: str = "last checkpoint: no labels"
     log: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # what was emitted
-
-
-def episodes_for_step(sampler: EpisodeSampler, step: int, batch_size: int) -> list[Episode]:
-    return [sampler.episode(step * batch_size + b) for b in range(batch_size)]
 
 
 @dataclass
@@ -455,10 +459,12 @@ def run_phase(cfg: TrainConfig, phase: Phase, run_dir: Path, *, model: nn.Module
     bar = tqdm(total=phase.steps, initial=step, desc=f"train {cfg.model}", unit="step",
                disable=not progress)
     done_here = 0
+    # Batches of the coming steps are read while this one trains (tasks/fewshot/loader.py).
+    batches = step_batches(phase.stream, cfg.batch_size, range(step, phase.steps),
+                           workers=cfg.loader_workers, pin_memory=device.type == "cuda")
     while step < phase.steps:
         model.train()
-        sampler = phase.stream(step)
-        batch = make_batch(episodes_for_step(sampler, step, cfg.batch_size), device, cache)
+        batch = make_batch(next(batches), device, cache)
         with _autocast(device):
             loss = training_loss(model, batch, cfg.ways, cfg)
         if not torch.isfinite(loss):
@@ -502,6 +508,7 @@ def run_phase(cfg: TrainConfig, phase: Phase, run_dir: Path, *, model: nn.Module
                 "log": log, "config": cfg.to_dict()})
         if stop_after is not None and done_here >= stop_after:
             break
+    batches.close()
     bar.close()
     return TrainResult(run_dir=run_dir, steps=phase.offset + step, best_step=best_step,
                        best_val_miou=best_val if phase.val is not None else float("nan"),
