@@ -20,7 +20,7 @@ from tasks.fewshot.episodes import (
     batch_to_tensors,
     episodes_for_step,
 )
-from tasks.fewshot.loader import StepBatch, step_batches
+from tasks.fewshot.loader import CUDA_WORKERS, StepBatch, step_batches, workers_for
 from tasks.fewshot.training import load_state, train
 
 BATCH = 2
@@ -138,6 +138,10 @@ def test_prefetched_training_is_bit_identical_and_resumes_exactly(tiny_store: st
     assert config_digest(cfg, "v") == config_digest(_cfg(tiny_store, tmp_path, 0), "v")
 
 
-def test_negative_loader_workers_is_refused() -> None:
+def test_loader_workers_default_by_device() -> None:
+    assert TrainConfig().loader_workers is None
+    assert workers_for(None, torch.device("cpu")) == 0  # today's loop on CPU
+    assert 1 <= workers_for(None, torch.device("cuda")) <= CUDA_WORKERS  # prefetching on a GPU
+    assert workers_for(3, torch.device("cpu")) == 3 and workers_for(0, torch.device("cuda")) == 0
     with pytest.raises(ValueError, match="loader_workers must be >= 0"):
         TrainConfig(loader_workers=-1)

@@ -13,7 +13,6 @@ import yaml
 
 MODELS = ("metasegnet", "panet", "umt")
 OPTIMIZERS = ("adamw", "sgd")
-LOADER_WORKERS = 0  # TODO decide by benchmarks/loader.py
 
 
 @dataclass
@@ -68,10 +67,10 @@ class TrainConfig:
     scoring: str = "pfenet"  # "pfenet": original-size labels; "hsnet": resized labels
     device: str = "auto"
     threads: int = 0  # torch threads on CPU; 0 = torch's default
-    # Processes that read the next steps' episodes while a step trains (tasks/fewshot/loader.py;
-    # threads inside a Dask worker); 0 reads each batch when its step starts. Same batches
-    # either way, so not part of the run name's digest.
-    loader_workers: int = LOADER_WORKERS
+    # Processes that read the next steps' episodes while a step trains (threads inside a Dask
+    # worker); 0 reads each batch when its step starts; null: by device (`loader.workers_for`:
+    # 0 on CPU, 4 on CUDA). Same batches either way, so not part of the run name's digest.
+    loader_workers: int | None = None
     # MLflow system metrics (system/cpu_utilization_percentage, memory, disk, network, GPU with
     # nvidia-ml-py) sampled while the point trains and evaluates, every
     # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10); not part of the run name's digest.
@@ -102,7 +101,7 @@ class TrainConfig:
             raise ValueError("pseudo meta-tasks are 1-way episodes (ways: 1)")
         if self.pseudo and self.budget_mode == "finetune" and self.pseudo_steps < 1:
             raise ValueError("budget_mode finetune needs pseudo_steps >= 1")
-        if self.loader_workers < 0:
+        if self.loader_workers is not None and self.loader_workers < 0:
             raise ValueError(f"loader_workers must be >= 0, got {self.loader_workers}")
         for name in ("steps", "batch_size", "ways", "shots", "checkpoint_every", "val_every"):
             if getattr(self, name) < 1:

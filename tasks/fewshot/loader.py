@@ -23,6 +23,7 @@ would draw them from torch's global RNG, which training checkpoints and resumes 
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +37,13 @@ from tasks.fewshot.episodes import Episode, EpisodeSampler, batch_to_tensors, ep
 from tasks.labelfree.pseudo_tasks import PseudoEpisodeSampler
 
 Sampler = EpisodeSampler | PseudoEpisodeSampler
+# Loader workers where the config leaves them to the device (`loader_workers: null`). CPU: none,
+# the step's own threads already use every core and prefetching did not pay on 2 cores
+# (benchmarks/loader.py, README). CUDA: the CPU is free while the GPU computes, and one process
+# prepares 8 episodes at 473 px in ~0.3 s, far longer than a GPU step; four keep up (fewer
+# where fewer cores are free: one stays with the training loop).
+CPU_WORKERS = 0
+CUDA_WORKERS = 4
 # Batches each worker keeps ready (DataLoader's prefetch_factor; per thread for threads): two
 # hide a read that is up to twice as slow as a step, and cost two batches of memory each.
 PREFETCH_PER_WORKER = 2
@@ -80,6 +88,15 @@ class StepBatches(TorchDataset):
     def __getitem__(self, step: int) -> StepBatch:
         step = int(step)
         return StepBatch.of(step, episodes_for_step(self.stream(step), step, self.batch_size))
+
+
+def workers_for(configured: int | None, device: torch.device) -> int:
+    """The loader workers of a run: the configured number, or the device's default."""
+    if configured is not None:
+        return configured
+    if device.type != "cuda":
+        return CPU_WORKERS
+    return min(CUDA_WORKERS, max(1, len(os.sched_getaffinity(0)) - 1))
 
 
 def step_batches(stream: Callable[[int], Sampler], batch_size: int, steps: range, *,

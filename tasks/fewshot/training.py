@@ -41,7 +41,7 @@ from tasks.fewshot.episodes import (
     hold_out,
     label_budget,
 )
-from tasks.fewshot.loader import EpisodeIds, StepBatch, step_batches
+from tasks.fewshot.loader import EpisodeIds, StepBatch, step_batches, workers_for
 from tasks.fewshot.metrics import SegmentationMeter, upsample_logits_to
 from tasks.labelfree.embeddings import to_input
 from tasks.labelfree.pseudo_tasks import PseudoEpisodeSampler
@@ -461,7 +461,8 @@ def run_phase(cfg: TrainConfig, phase: Phase, run_dir: Path, *, model: nn.Module
     done_here = 0
     # Batches of the coming steps are read while this one trains (tasks/fewshot/loader.py).
     batches = step_batches(phase.stream, cfg.batch_size, range(step, phase.steps),
-                           workers=cfg.loader_workers, pin_memory=device.type == "cuda")
+                           workers=workers_for(cfg.loader_workers, device),
+                           pin_memory=device.type == "cuda")
     while step < phase.steps:
         model.train()
         batch = make_batch(next(batches), device, cache)
