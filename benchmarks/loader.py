@@ -7,7 +7,8 @@ the episodes/s one loader process delivers.
     `training_loss`, AdamW) over the same steps with the batches read in this process
     (`loader_workers: 0`, today's loop), by 1 and 2 DataLoader worker processes, and by 2
     threads (what a daemonic Dask worker gets), interleaved, `--repeats` times; each figure
-    is the median. Time includes starting the workers (once per training phase).
+    is the median. The clock starts after one warm-up step: starting the workers (once per
+    training phase) is not counted.
 (b) loader supply at 473 px (the PASCAL-5i protocol size): batches of `--batch-size` 1-way
     1-shot episodes with no training, from a fresh `Dataset` (cold shard cache: every shard
     is read and decoded once) and again (warm), in this process and through the DataLoader
@@ -85,7 +86,7 @@ def load() -> str:
 
 def training_seconds(cfg: TrainConfig, ds: Dataset, steps: int, workers: int,
                      threads: bool) -> float:
-    """Seconds for `steps` training steps (after one warm-up step), loader start included."""
+    """Seconds for `steps` training steps after one warm-up step (the loader's start)."""
     device = pick_device(cfg.device)
     sampler = labelled_data(cfg, ds).train
     torch.manual_seed(cfg.seed)
