@@ -22,6 +22,7 @@ worker draws it and in whatever order, so evaluation splits across workers repro
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -211,6 +212,26 @@ class EpisodeSampler:
         return (self.episode(i) for i in count())
 
 
+def episodes_for_step(sampler: EpisodeSampler, step: int, batch_size: int) -> list[Episode]:
+    """The episodes training step ``step`` draws: ``step * batch_size + b`` for each ``b``, so a
+    step's batch depends only on the sampler's seed and the step (and may be read ahead)."""
+    return [sampler.episode(step * batch_size + b) for b in range(batch_size)]
+
+
+@functools.cache
+def _normalised() -> np.ndarray:
+    """(3, 256) float32: pixel value v of channel c normalised, ((v / 255) - mean) / std.
+
+    Computed with the float32 operations a whole image took before (each correctly rounded,
+    so the same bits per value), then looked up: twice as fast as the arithmetic over a batch
+    and without its temporaries (the loader's main cost at 473 px).
+    """
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1)
+    values = torch.arange(256, dtype=torch.float32).expand(3, 256)
+    return ((values / 255 - mean) / std).numpy()
+
+
 def batch_to_tensors(episodes: Sequence[Episode]) -> dict[str, torch.Tensor]:
     """Stack episodes of one shape into model inputs.
 
@@ -223,12 +244,14 @@ def batch_to_tensors(episodes: Sequence[Episode]) -> dict[str, torch.Tensor]:
     shapes = {(e.support_images.shape, e.query_image.shape, len(e.classes)) for e in episodes}
     if len(shapes) != 1:
         raise ValueError(f"episodes of one batch must share ways, shots and size, got {shapes}")
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
     def images(a: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(a)).movedim(-1, -3).float().div_(255)
-        return (x - mean) / std
+        # uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in channels-last memory, as
+        # `movedim(-1, -3).float()` lays it out: a table lookup per channel (_normalised).
+        lut = _normalised()
+        out = np.empty(a.shape, np.float32)
+        for c in range(3):
+            np.take(lut[c], a[..., c], out=out[..., c])
+        return torch.from_numpy(out).movedim(-1, -3)
 
     return {
         "support_img": images(np.stack([e.support_images for e in episodes])),

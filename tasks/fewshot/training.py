@@ -32,7 +32,13 @@ from models.umt import UMTTransformer
 from tasks.data.folds import base_classes, fold_classes
 from tasks.data.store import Dataset, list_derived, open_dataset, open_derived
 from tasks.fewshot.config import TrainConfig, config_digest
-from tasks.fewshot.episodes import Episode, EpisodeSampler, batch_to_tensors, hold_out, label_budget
+from tasks.fewshot.episodes import (
+    Episode,
+    EpisodeSampler,
+    hold_out,
+    label_budget,
+)
+from tasks.fewshot.loader import EpisodeIds, StepBatch, step_batches, workers_for
 from tasks.fewshot.metrics import SegmentationMeter, upsample_logits_to
 from tasks.labelfree.embeddings import to_input
 from tasks.labelfree.pseudo_tasks import PseudoEpisodeSampler
@@ -80,7 +86,7 @@ class FrozenFeatureCache:
                 self._feats[image_id] = {k: v[0] for k, v in self.model.extract(img).items()}
         return self._feats[image_id]
 
-    def batch(self, episodes: Sequence[Episode]) -> dict[str, dict[str, torch.Tensor]]:
+    def batch(self, episodes: Sequence[Episode | EpisodeIds]) -> dict[str, dict[str, torch.Tensor]]:
         queries = [self._get(ep.query_id) for ep in episodes]
         supports = [[self._get(i) for i in ep.support_ids] for ep in episodes]
         return {
@@ -103,11 +109,13 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def make_batch(episodes: Sequence[Episode], device: torch.device,
+def make_batch(episodes: Sequence[Episode] | StepBatch, device: torch.device,
                cache: FrozenFeatureCache | None = None) -> dict[str, Any]:
-    batch: dict[str, Any] = _to(batch_to_tensors(episodes), device)
+    """Model inputs on `device`: of episodes, or of a step's batch from the loader."""
+    loaded = episodes if isinstance(episodes, StepBatch) else StepBatch.of(-1, episodes)
+    batch: dict[str, Any] = _to(loaded.tensors, device)
     if cache is not None:
-        batch["features"] = cache.batch(episodes)
+        batch["features"] = cache.batch(loaded.episodes)
     return batch
 
 
@@ -201,10 +209,6 @@ class TrainResult:
     labels: dict[str, int] = field(default_factory=lambda: {"images": 0, "pixels": 0})
     selection: str = "last checkpoint: no labels"
     log: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # what was emitted
-
-
-def episodes_for_step(sampler: EpisodeSampler, step: int, batch_size: int) -> list[Episode]:
-    return [sampler.episode(step * batch_size + b) for b in range(batch_size)]
 
 
 @dataclass
@@ -390,9 +394,13 @@ def run_phase(cfg: TrainConfig, phase: Phase, run_dir: Path, *, model: nn.Module
         save_checkpoint(best_path, {"model": model.state_dict(), "step": phase.offset + step,
                                     "config": cfg.to_dict()})
 
+    # Batches of the coming steps are read while this one trains (tasks/fewshot/loader.py).
+    batches = step_batches(phase.stream, cfg.batch_size, range(loop.step, phase.steps),
+                           workers=workers_for(cfg.loader_workers, device),
+                           pin_memory=device.type == "cuda")
+
     def objective(step: int) -> dict[str, torch.Tensor]:
-        sampler = phase.stream(step)
-        batch = make_batch(episodes_for_step(sampler, step, cfg.batch_size), device, cache)
+        batch = make_batch(next(batches), device, cache)
         with _autocast(device):
             return {"loss": model.compute_objective(batch, cfg.ways)}
 
@@ -417,11 +425,14 @@ def run_phase(cfg: TrainConfig, phase: Phase, run_dir: Path, *, model: nn.Module
                 best_val, best_step = val.miou, phase.offset + step
                 save_best(step)
 
-    loop.run(objective, checkpoint_every=cfg.checkpoint_every, after_step=after_step,
-             extra_state=lambda: {"best_step": best_step, "best_val": best_val,
-                                  "history": history, "log": log, "config": cfg.to_dict()},
-             before_checkpoint=on_checkpoint,  # before the file: metrics up to it survive a crash
-             stop_after=stop_after, step_offset=phase.offset)
+    try:
+        loop.run(objective, checkpoint_every=cfg.checkpoint_every, after_step=after_step,
+                 extra_state=lambda: {"best_step": best_step, "best_val": best_val,
+                                      "history": history, "log": log, "config": cfg.to_dict()},
+                 before_checkpoint=on_checkpoint,  # before the file: metrics up to it survive
+                 stop_after=stop_after, step_offset=phase.offset)
+    finally:
+        batches.close()
     return TrainResult(run_dir=run_dir, steps=phase.offset + loop.step, best_step=best_step,
                        best_val_miou=best_val if phase.val is not None else float("nan"),
                        history=history, seconds=time.perf_counter() - t0,
