@@ -12,7 +12,7 @@ import torch
 
 from tasks.data.folds import base_classes
 from tasks.data.store import open_dataset
-from tasks.fewshot.config import TrainConfig, config_digest
+from tasks.fewshot.config import ConfigError, TrainConfig, config_digest, from_dict
 from tasks.fewshot.episodes import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -143,5 +143,5 @@ def test_loader_workers_default_by_device() -> None:
     assert workers_for(None, torch.device("cpu")) == 0  # today's loop on CPU
     assert 1 <= workers_for(None, torch.device("cuda")) <= CUDA_WORKERS  # prefetching on a GPU
     assert workers_for(3, torch.device("cpu")) == 3 and workers_for(0, torch.device("cuda")) == 0
-    with pytest.raises(ValueError, match="loader_workers must be >= 0"):
-        TrainConfig(loader_workers=-1)
+    with pytest.raises(ConfigError, match="loader_workers: expected an integer >= 0"):
+        from_dict({"loader_workers": -1})
