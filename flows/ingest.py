@@ -16,6 +16,7 @@ from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
 from flows.runtime import task_runner
+from tasks import defaults
 from tasks.data import ingest, store
 from tasks.data.readers import Item, Reader, make_reader
 
@@ -90,7 +91,7 @@ def _markdown(summary: dict[str, Any], reports: list[ingest.ShardReport]) -> str
     return "\n".join(lines)
 
 
-def run_ingest(*, workers: int = 2, dask_address: str | None = None,
+def run_ingest(*, workers: int = defaults.WORKERS, dask_address: str | None = None,
                **params: Any) -> dict[str, Any]:
     """Run the ingest flow on a LocalCluster of `workers` processes or an existing scheduler."""
     runner = task_runner(workers=workers, dask_address=dask_address)

@@ -20,6 +20,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from tasks.defaults import PREFECT_PORT, WORKERS
+
 STATE_DIR_ENV = "FSS_HOME"
 DASK_ADDRESS_ENV = "FSS_DASK_ADDRESS"
 
@@ -116,7 +118,7 @@ def recorded_server() -> str | None:
     return url if api_healthy(url) else None
 
 
-def start_persistent_server(*, host: str = "127.0.0.1", port: int = 4200) -> str:
+def start_persistent_server(*, host: str = "127.0.0.1", port: int = PREFECT_PORT) -> str:
     """`fss server start`: a server that outlives this process, recorded in the state dir."""
     url = recorded_server()
     if url:
@@ -182,7 +184,7 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
 
 
-def task_runner(workers: int = 2, dask_address: str | None = None):  # -> DaskTaskRunner
+def task_runner(workers: int = WORKERS, dask_address: str | None = None):  # -> DaskTaskRunner
     """A Dask task runner: an existing scheduler when an address is given, else a LocalCluster.
 
     The address may also come from `FSS_DASK_ADDRESS`, so scaled-out runs need no code change.
