@@ -2,12 +2,15 @@
 `fss --help` itself.
 
     .venv/bin/python benchmarks/cli.py                  # 5 repeats, interleaved
-    .venv/bin/python benchmarks/cli.py --repeats 9 --fss "git stash; fss"   # see --fss
+    .venv/bin/python benchmarks/cli.py --baseline /work/main   # also an older checkout's fss
 
 Each framework gets the same generated CLI: 14 commands with 7 options each (an int with a
 default, a string, a flag, ...), about the 90 options `fss` has. Every variant runs as a fresh
 interpreter (`python script --help` and `python script cmd7 --help`), the variants interleaved
-`--repeats` times; the table shows the median wall time. A second table is `python -X importtime`
+`--repeats` times; the table shows the median wall time. `fss --help` and `fss pseudo --help`
+run this checkout's code (PYTHONPATH) through the venv's `fss` entry point, and with
+`--baseline DIR` also the code of another checkout (e.g. the commit before the CLI package).
+A second table is `python -X importtime`
 of the framework's import alone (cumulative, median). The machine may be shared: compare the
 rows of one run, and read the load average printed at the start and the end.
 """
@@ -86,6 +89,10 @@ FRAMEWORKS = {"argparse": ARGPARSE, "typer": TYPER, "cyclopts": CYCLOPTS}
 IMPORTS = {"argparse": "argparse", "typer": "typer", "cyclopts": "cyclopts"}
 
 
+def _env(root: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
 def wall(cmd: list[str], env: dict[str, str]) -> float:
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -112,12 +119,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--fss", default=str(Path(sys.executable).with_name("fss")),
                     help="the fss entry point to time (empty: skip)")
+    ap.add_argument("--baseline", type=Path, help="another checkout whose fss to time as well")
     args = ap.parse_args()
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = _env(root)
     print(f"load average at start: {os.getloadavg()[0]:.2f}; python {sys.version.split()[0]}")
     with tempfile.TemporaryDirectory() as tmp:
         variants: dict[str, list[str]] = {}
+        envs: dict[str, dict[str, str]] = {}
         for name, source in FRAMEWORKS.items():
             script = Path(tmp) / f"{name}_cli.py"
             script.write_text(source.format(commands=COMMANDS, options=OPTIONS))
@@ -126,23 +135,28 @@ def main() -> None:
         if args.fss:
             variants["fss --help"] = [args.fss, "--help"]
             variants["fss pseudo --help"] = [args.fss, "pseudo", "--help"]
+            if args.baseline:
+                for key in ("fss --help", "fss pseudo --help"):
+                    variants[f"{key} (baseline)"] = variants[key]
+                    envs[f"{key} (baseline)"] = _env(args.baseline.resolve())
         variants["python -c pass"] = [sys.executable, "-c", "pass"]
         times: dict[str, list[float]] = {k: [] for k in variants}
         imports: dict[str, list[int]] = {k: [] for k in IMPORTS}
         for _ in range(args.repeats):
             for key, cmd in variants.items():
-                times[key].append(wall(cmd, env))
+                times[key].append(wall(cmd, envs.get(key, env)))
             for key, module in IMPORTS.items():
                 imports[key].append(import_us(module))
-    print(f"\n`--help` wall time, median of {args.repeats} (fresh interpreter each)")
+    print(f"\n`--help` wall time, median of {args.repeats} (fresh interpreter each)"
+          + (f"; baseline: {args.baseline}" if args.baseline else ""))
     print(f"| {'variant':<28} | {'median s':>8} | {'min s':>6} | {'max s':>6} |")
-    print(f"| {'-' * 28} | {'-' * 8}: | {'-' * 6}: | {'-' * 6}: |")
+    print(f"| {'-' * 28} | {'-' * 7}: | {'-' * 5}: | {'-' * 5}: |")
     for key, ts in times.items():
         print(f"| {key:<28} | {statistics.median(ts):8.3f} | {min(ts):6.3f} | {max(ts):6.3f} |")
     print(f"\nimport time of the framework alone (python -X importtime, cumulative, median of "
           f"{args.repeats})")
     print(f"| {'framework':<10} | {'ms':>6} |")
-    print(f"| {'-' * 10} | {'-' * 6}: |")
+    print(f"| {'-' * 10} | {'-' * 5}: |")
     for key, us in imports.items():
         print(f"| {key:<10} | {statistics.median(us) / 1000:6.1f} |")
     print(f"\nload average at end: {os.getloadavg()[0]:.2f}")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from flows.runtime import api_healthy, free_port, state_dir, stop_process
-from tasks.defaults import MLFLOW_UI_PORT as DEFAULT_PORT
+from tasks.defaults import MLFLOW_UI_PORT
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -27,7 +27,7 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def start_mlflow_ui(uri: str | None = None, port: int | None = DEFAULT_PORT, *,
+def start_mlflow_ui(uri: str | None = None, port: int | None = MLFLOW_UI_PORT, *,
                     host: str = "127.0.0.1", artifacts: str | Path | None = None,
                     wait_s: float = 120.0, log: Path | None = None,
                     ) -> tuple[subprocess.Popen, str]:

@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import logging
 import os
 import signal
-import subprocess
 import sys
-import traceback
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from flows.cli import data, demo, labelfree, services, study
-from flows.cli.errors import HideUserErrors, is_user_error, one_line
 
 DISTRIBUTION = "fewshot-budget"  # [project] name in pyproject.toml
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -104,7 +99,10 @@ class VersionAction(argparse.Action):
 
 
 def version_text() -> str:
-    """`fss <package version>`, plus the git commit of a source checkout (`+dirty` if edited)."""
+    """`fss <package version>`, plus the git commit of a source checkout (`-dirty` if edited)."""
+    import subprocess
+    from importlib import metadata
+
     try:
         text = f"fss {metadata.version(DISTRIBUTION)}"
     except metadata.PackageNotFoundError:  # run from a checkout that was never installed
@@ -151,6 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     args = build_parser().parse_args(argv)
+    # Imported after parsing: `--help` and usage errors need none of these.
+    import logging
+    import traceback
+
+    from flows.cli.errors import HideUserErrors, is_user_error, one_line
+
+    if getattr(args, "runs_flows", False):
+        # Prefect adds its console handler to the root logger when first imported: import it
+        # before the filter below is added to the root's handlers (the parser imports nothing).
+        import prefect.main  # noqa: F401
+
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     hide = None if args.debug else HideUserErrors()
     for handler in logging.getLogger().handlers if hide else ():

@@ -50,7 +50,7 @@ def add_parsers(sub: Any) -> None:
     i.add_argument("--classes", help="class list file (one name per line, line 0 background)")
     i.add_argument("--list", help="VOC list file overriding ImageSets/Segmentation/<split>.txt")
     add_cluster_arguments(i)
-    i.set_defaults(func=cmd_ingest)
+    i.set_defaults(func=cmd_ingest, runs_flows=True)
 
     st = sub.add_parser("store", help="the Zarr store").add_subparsers(
         dest="action", required=True, metavar="ACTION")

@@ -35,7 +35,7 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
     p.add_argument("--workers", type=int, default=defaults.WORKERS,
                    help="LocalCluster worker processes")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, runs_flows=True)
     return p
 
 

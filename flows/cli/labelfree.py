@@ -33,7 +33,7 @@ def add_pretrain_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=defaults.SEED, help="random seed")
     p.add_argument("--image-size", type=int, help="side of each augmented view in pixels "
                                                   "(default: 0.45 of the dataset's side)")
-    p.set_defaults(func=cmd_pretrain)
+    p.set_defaults(func=cmd_pretrain, runs_flows=True)
     return p
 
 
@@ -91,7 +91,7 @@ def add_features_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true",
                    help="request one Dask GPU resource per shard task")
     add_cluster_arguments(p)
-    p.set_defaults(func=cmd_features)
+    p.set_defaults(func=cmd_features, runs_flows=True)
     return p
 
 
@@ -150,7 +150,7 @@ def add_pseudo_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="folder for the cluster quality report")
     p.add_argument("--experiment", help="also log the report to this MLflow experiment")
     add_cluster_arguments(p)
-    p.set_defaults(func=cmd_pseudo)
+    p.set_defaults(func=cmd_pseudo, runs_flows=True)
     return p
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ def add_deploy_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--worker", action="append", choices=sorted(defaults.WORK_POOLS), default=[],
                    help="start a worker for this pool and keep it running (repeatable)")
     p.add_argument("--limit", type=int, help="maximum concurrent flow runs per worker")
-    p.set_defaults(func=cmd_deploy)
+    p.set_defaults(func=cmd_deploy, runs_flows=True)
     return p
 
 
@@ -87,6 +86,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Pools + deployments, then optionally serve pools with workers until Ctrl-C."""
+    import subprocess
+
     from flows import runtime
     from flows.deployments import (
         POOLS,

@@ -19,7 +19,7 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("--config", help="a study's YAML under configs/")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable; dotted keys for model_args)")
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=cmd_train, runs_flows=True)
 
     e = sub.add_parser("evaluate", help="evaluate a trained run or checkpoint on its test fold")
     src = e.add_mutually_exclusive_group(required=True)
@@ -44,7 +44,7 @@ def add_parsers(sub: Any) -> None:
     a.add_argument("--study", help="run under this study name instead of the file's (a variant "
                                    "made with --set or --grid gets its own parent run)")
     add_cluster_arguments(a, workers=defaults.ABLATION_WORKERS)
-    a.set_defaults(func=cmd_ablate)
+    a.set_defaults(func=cmd_ablate, runs_flows=True)
 
     r = sub.add_parser("report", help="summary tables (95 %% intervals, budget estimate), plot "
                                       "and HTML report of an ablation (also running)")
