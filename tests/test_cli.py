@@ -111,6 +111,9 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     (["ingest", "--source", "voc", "--name", "x", "--resize", "sqare"], "Did you mean 'square'?"),
     (["pseudo", "--dataset", "x", "--features", "f", "--sead", "3"],
      "--sead (did you mean --seed?)"),
+    (["--verison"], "--verison (did you mean --version?)"),
+    (["ingest", "--source", "voc", "--nme", "x"], "required: --name; unrecognized arguments: "
+                                                  "--nme (did you mean --name?)"),
 ])
 def test_typos_get_a_suggestion(argv: list[str], hint: str,
                                 capsys: pytest.CaptureFixture[str]) -> None:

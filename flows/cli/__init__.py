@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from flows.cli import data, demo, labelfree, services, study
 
@@ -57,18 +57,25 @@ class FssParser(argparse.ArgumentParser):
             raise argparse.ArgumentError(
                 action, f"invalid choice: {value!r} (choose from {', '.join(choices)}).{hint}")
 
+    def nearest_option(self, arg: str) -> str | None:
+        """This parser's option nearest to a mistyped one (`--sead 3`, `--sed=3`), if any."""
+        if not arg.startswith("-"):
+            return None
+        known = {o.lstrip("-"): o for a in self._actions for o in a.option_strings}
+        close = difflib.get_close_matches(arg.split("=")[0].lstrip("-"), known, n=1)
+        return known[close[0]] if close else None
+
     def parse_known_args(self, args: Any = None, namespace: Any = None,
                          ) -> tuple[argparse.Namespace, list[str]]:
+        self._args = list(sys.argv[1:] if args is None else args)
         namespace, extras = super().parse_known_args(args, namespace)
         # An unknown option reaches the top parser's error, which knows only its own options:
-        # each (sub)parser notes the nearest of its options here, in the shared namespace.
-        # The innermost parser answers first and knows the command's options: keep its hint.
-        known = {o.lstrip("-"): o for a in self._actions for o in a.option_strings}
+        # each (sub)parser notes the nearest of its options here, in the shared namespace. The
+        # innermost parser answers first and knows the command's options: its hint is kept.
         hints = getattr(namespace, _HINTS, {})
         for arg in extras:
-            close = difflib.get_close_matches(arg.split("=")[0].lstrip("-"), known, n=1)
-            if arg.startswith("-") and close:
-                hints.setdefault(arg, known[close[0]])
+            if (near := self.nearest_option(arg)) is not None:
+                hints.setdefault(arg, near)
         if hints:
             setattr(namespace, _HINTS, hints)
         return namespace, extras
@@ -80,6 +87,17 @@ class FssParser(argparse.ArgumentParser):
             self.error("unrecognized arguments: " + " ".join(
                 f"{a} (did you mean {hints[a]}?)" if a in hints else a for a in extras))
         return namespace
+
+    def error(self, message: str) -> NoReturn:
+        # A missing required argument stops the parse before unknown options are reported:
+        # name the mistyped option too (`fss ingest --nme x` lacks --name because of it).
+        if message.startswith("the following arguments are required"):
+            own = {o for a in self._actions for o in a.option_strings}
+            typos = [f"{a} (did you mean {near}?)" for a in getattr(self, "_args", [])
+                     if a.split("=")[0] not in own and (near := self.nearest_option(a))]
+            if typos:
+                message += "; unrecognized arguments: " + " ".join(typos)
+        super().error(message)
 
 
 _HINTS = "_fss_option_hints"
