@@ -25,7 +25,6 @@ from tasks.fewshot.training import (
     labelled_data,
     make_batch,
     pick_device,
-    training_loss,
 )
 
 VARIANTS = {
@@ -53,7 +52,7 @@ def steps_per_second(cfg: TrainConfig, steps: int) -> float:
     for step in range(steps + 1):
         t0 = time.perf_counter()
         batch = make_batch(episodes_for_step(sampler, step, cfg.batch_size), device, cache)
-        loss = training_loss(model, batch, cfg.ways, cfg)
+        loss = model.compute_objective(batch, cfg.ways)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -17,7 +17,6 @@ what the backbone offers, not a result.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -60,8 +59,8 @@ def run_setting(cfg: TrainConfig, setting: tuple[int, float, int]) -> dict:
     pseudo_steps, lr, seed = setting
     logged: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:  # the pseudo phase goes there too
-        cfg = dataclasses.replace(cfg, pseudo_steps=pseudo_steps, lr=lr, seed=seed,
-                                  checkpoint_every=10**6, val_every=pseudo_steps, out_dir=tmp)
+        cfg = cfg.replace(pseudo_steps=pseudo_steps, lr=lr, seed=seed,
+                          checkpoint_every=10**6, val_every=pseudo_steps, out_dir=tmp)
         ds = open_dataset(cfg.store, cfg.dataset)
         t0 = time.perf_counter()
         train(cfg, Path(tmp), progress=False, dataset=ds,

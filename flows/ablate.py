@@ -23,7 +23,7 @@ from flows.train import describe, train_point_task
 from tasks import defaults
 from tasks.fewshot.experiment import register_study_models
 from tasks.study import report
-from tasks.study.ablation import study_from_dict
+from tasks.study.ablation import StudySpec, study_from_dict
 from tasks.study.tracking import Tracker, ensure_experiment
 
 
@@ -41,10 +41,14 @@ def _parent_tracker(name: str, experiment: str) -> Tracker:
 SUMMARY_TABLE = "summary/summary_table.json"
 
 
-@flow(name="ablation", flow_run_name="ablation {study[study]}")
-def ablation_flow(study: dict[str, Any], overrides: list[str] | None = None,
+@flow(name="ablation", flow_run_name="ablation {study.study}")
+def ablation_flow(study: StudySpec, overrides: list[str] | None = None,
                   out_dir: str = defaults.REPORT_DIR, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a study; returns its summary table and what was trained or skipped."""
+    """Run (or resume) a study; returns its summary table and what was trained or skipped.
+
+    `study` is typed (Prefect validates it and shows its schema); its points are validated
+    here, all of them before any runs (`run_ablation` has checked them before the flow starts).
+    """
     logger = get_run_logger()
     spec = study_from_dict(study, overrides)
     logger.info("study %s: %d points, MLflow experiment %r", spec.name, len(spec.points),
@@ -54,7 +58,7 @@ def ablation_flow(study: dict[str, Any], overrides: list[str] | None = None,
     parent.log_params({"study": spec.name, "points": len(spec.points)})
     annotate = dask.annotate(resources={"GPU": 1}) if spec.gpu else contextlib.nullcontext()
     with annotate:
-        futures = [train_point_task.submit(cfg.to_dict(), parent.run_id, progress=False)
+        futures = [train_point_task.submit(cfg, parent.run_id, progress=False)
                    for cfg in spec.points]
     done, failed = [], []
     bar = tqdm(total=len(futures), desc=f"ablation {spec.name}", unit="point",
@@ -131,9 +135,13 @@ def _records(table: Any) -> list[dict[str, Any]]:
     return rounded.where(rounded.notna(), None).to_dict(orient="records")
 
 
-def run_ablation(study: dict[str, Any], *, workers: int = defaults.ABLATION_WORKERS,
-                 dask_address: str | None = None, **kw: Any) -> dict[str, Any]:
+def run_ablation(study: StudySpec | dict[str, Any], *,
+                 workers: int = defaults.ABLATION_WORKERS, dask_address: str | None = None,
+                 overrides: list[str] | None = None, **kw: Any) -> dict[str, Any]:
+    """Validate the study and every point (a ConfigError before any cluster or run starts),
+    then run the ablation flow on a Dask task runner."""
+    spec = study_from_dict(study, overrides).spec
     # Split the cores between worker processes so their torch threads don't oversubscribe.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     runner = task_runner(workers=workers, dask_address=dask_address)
-    return ablation_flow.with_options(task_runner=runner)(study, **kw)
+    return ablation_flow.with_options(task_runner=runner)(spec, overrides=overrides, **kw)

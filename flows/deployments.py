@@ -128,7 +128,7 @@ def train_deployment(config_path: str = "configs/synthetic.yaml",
     from tasks.fewshot.config import load_config
 
     cfg = load_config(config_path, overrides or [])
-    return train_flow(cfg.to_dict(), progress=False)
+    return train_flow(cfg, progress=False)
 
 
 @flow(name="fss-ablation", flow_run_name=_study_run_name)
@@ -137,15 +137,14 @@ def ablation_deployment(config_path: str = "configs/ablation-synthetic.yaml",
                         workers: int = defaults.ABLATION_WORKERS,
                         dask_address: str | None = None) -> dict[str, Any]:
     """Run (or resume) the label-budget study of a YAML file; finished points are read back."""
-    import yaml
-
     from flows.ablate import run_ablation
+    from tasks.study.ablation import load_study
 
     path = Path(config_path)
     if not path.exists():
         raise FileNotFoundError(f"study file {path.resolve()} does not exist")
-    study = yaml.safe_load(path.read_text())
-    return run_ablation(study, workers=workers, dask_address=dask_address,
+    study = load_study(path, overrides or [])  # every point, before a cluster starts
+    return run_ablation(study.spec, workers=workers, dask_address=dask_address,
                         overrides=overrides or [], out_dir=out_dir, progress=False)
 
 

@@ -1,19 +1,31 @@
 """Trivial few-shot baselines: every table reports them so a learned model's number has a floor.
 
 Both take the same inputs as the learned models (ImageNet-normalised images, episode masks with
-labels 0..N and 255) and return (B, N + 1, H, W) scores. Neither has parameters to train.
+labels 0..N and 255) and return (B, N + 1, H, W) scores. Neither has parameters to train; their
+``compute_objective`` (the learned models' pixel cross-entropy) scores them on a batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
+
+from models.losses import pixel_cross_entropy
 
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-class AllForeground(nn.Module):
+class _Baseline(nn.Module):
+    def compute_objective(self, batch: Mapping[str, Tensor], n_ways: int) -> Tensor:
+        """Pixel cross-entropy of the query (keys as in ``MetaSegNet.compute_objective``)."""
+        logits = self(batch["support_img"], batch["support_mask"], batch["query_img"], n_ways)
+        return pixel_cross_entropy(logits, batch["query_mask"])
+
+
+class AllForeground(_Baseline):
     """Predicts episode class 1 everywhere: the floor of any 1-way model."""
 
     def forward(self, support_img: Tensor, support_mask: Tensor, query_img: Tensor,
@@ -24,7 +36,7 @@ class AllForeground(nn.Module):
         return logits
 
 
-class ColourHistogram(nn.Module):
+class ColourHistogram(_Baseline):
     """Per-pixel colour likelihood: RGB histograms of each class's support pixels.
 
     A pixel goes to the class whose (Laplace-smoothed) colour histogram gives it the highest

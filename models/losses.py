@@ -11,6 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+IGNORE_INDEX = 255  # label of pixels that count nowhere (object boundaries, crowds, padding)
+
+
+def pixel_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy of logits (B, C, H, W) against labels (B, H, W), ``IGNORE_INDEX``
+    pixels left out: the training objective of the per-pixel classifiers (MetaSegNet, PANet)."""
+    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+
 
 def onehot_targets(labels: Tensor, n_classes: int, ignore_index: int = 255) -> Tensor:
     """Labels (...) in ``{0..n_classes-1, ignore_index}`` → float one-hot (..., n_classes).

@@ -22,13 +22,14 @@ Embedding design (this implementation's reading of the paper's two branches):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import Backbone, build_backbone
-from models.losses import downsample_labels, onehot_targets
+from models.losses import downsample_labels, onehot_targets, pixel_cross_entropy
 from models.ridge import RidgeBaseLearner
 
 
@@ -133,3 +134,9 @@ class MetaSegNet(nn.Module):
         logits = self.base_learner(support, targets, query)  # (B, h*w, n_ways + 1)
         logits = logits.transpose(1, 2).reshape(B, n_ways + 1, h, w)
         return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=True)
+
+    def compute_objective(self, batch: Mapping[str, Tensor], n_ways: int) -> Tensor:
+        """Training loss of an episode batch (``support_img``, ``support_mask``, ``query_img``
+        as in ``forward``, and the query labels ``query_mask`` (B, H, W)): pixel cross-entropy."""
+        logits = self(batch["support_img"], batch["support_mask"], batch["query_img"], n_ways)
+        return pixel_cross_entropy(logits, batch["query_mask"])

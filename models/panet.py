@@ -15,12 +15,14 @@ to the mask size instead; that is the same average for box-upsampled features an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import Backbone, build_backbone
-from models.losses import onehot_targets
+from models.losses import onehot_targets, pixel_cross_entropy
 
 
 def masked_average_pool(feats: Tensor, masks: Tensor, eps: float = 1e-5) -> Tensor:
@@ -50,18 +52,21 @@ def cosine_logits(feats: Tensor, protos: Tensor, scale: float) -> Tensor:
 
 class PANet(nn.Module):
     """Prototype matching on backbone features; ``layers`` are concatenated at the first one's
-    resolution (default: layer3 + layer4 of the dilated backbone, both at stride 8)."""
+    resolution (default: layer3 + layer4 of the dilated backbone, both at stride 8).
+    ``align_weight`` weighs the PAR loss in the training objective (0 leaves it out)."""
 
     def __init__(
         self,
         backbone: str | Backbone = "small_resnet",
         layers: tuple[str, ...] = ("layer3", "layer4"),
         scale: float = 20.0,
+        align_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.backbone = build_backbone(backbone)
         self.layers = layers
         self.scale = scale
+        self.align_weight = float(align_weight)
 
     def features(self, img: Tensor) -> Tensor:
         """Concatenated backbone features (N, C, h, w) of the tapped layers."""
@@ -109,6 +114,15 @@ class PANet(nn.Module):
         if not return_align_loss:
             return up
         return up, self.align_loss(logits, query_feats, support_feats, support_mask, n_ways)
+
+    def compute_objective(self, batch: Mapping[str, Tensor], n_ways: int) -> Tensor:
+        """Training loss of an episode batch (keys as in ``MetaSegNet.compute_objective``):
+        pixel cross-entropy of the query + ``align_weight`` × PAR."""
+        inputs = (batch["support_img"], batch["support_mask"], batch["query_img"], n_ways)
+        if self.align_weight > 0:
+            logits, align = self(*inputs, return_align_loss=True)
+            return pixel_cross_entropy(logits, batch["query_mask"]) + self.align_weight * align
+        return pixel_cross_entropy(self(*inputs), batch["query_mask"])
 
     def align_loss(
         self,

@@ -42,16 +42,16 @@ Other keys (e.g. "layer1") are ignored.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.kmeans import assign, cluster_means, kmeans
-from models.losses import dice_loss, masked_cross_entropy
+from models.losses import IGNORE_INDEX, dice_loss, masked_cross_entropy
 
 TAPS = ("layer2", "layer3", "layer4")
-IGNORE_INDEX = 255
 
 
 def _conv1x1(c_in: int, c_out: int) -> nn.Sequential:
@@ -146,10 +146,12 @@ class UMTTransformer(nn.Module):
         freeze_backbone: bool = True,
         kmeans_iters: int = 10,
         dropout: float = 0.1,
+        ce_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if dim % 4:
             raise ValueError(f"dim must be divisible by 4 (sine encoding), got {dim}")
+        self.ce_weight = ce_weight  # of the cross-entropy term in the training objective
         self.backbone = backbone
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
@@ -199,6 +201,7 @@ class UMTTransformer(nn.Module):
         support_img: Tensor | None,
         support_mask: Tensor,
         query_img: Tensor | None,
+        n_ways: int = 1,
         *,
         features: dict[str, dict[str, Tensor]] | None = None,
     ) -> Tensor:
@@ -209,9 +212,12 @@ class UMTTransformer(nn.Module):
             support_mask: (B, K, H, W) long in {0, 1, 255}.
             query_img: (B, 3, H, W); may be None when ``features`` is given, in which case the
                 logits come out at the support-mask size (one canonical size per episode).
+            n_ways: 1 (the model is 1-way; the argument makes its call that of the other models).
             features: precomputed backbone features (see the module docstring); used instead of
                 running the backbone on the images.
         """
+        if n_ways != 1:
+            raise ValueError(f"UMTTransformer is 1-way, got n_ways={n_ways}")
         if features is None:
             features = {"query": self.extract(query_img), "support": self.extract(support_img)}
         out_size = (query_img if query_img is not None else support_mask).shape[-2:]
@@ -254,6 +260,16 @@ class UMTTransformer(nn.Module):
         if ce_weight:
             loss = loss + ce_weight * masked_cross_entropy(logits, target, IGNORE_INDEX)
         return loss
+
+    def compute_objective(self, batch: Mapping[str, object], n_ways: int = 1) -> Tensor:
+        """Training loss of an episode batch: ``loss`` with this model's ``ce_weight``.
+
+        Keys as in ``MetaSegNet.compute_objective``; ``features`` (cached backbone taps, see
+        ``forward``) may stand in for the images, which may then be absent.
+        """
+        logits = self(batch.get("support_img"), batch["support_mask"], batch.get("query_img"),
+                      n_ways, features=batch.get("features"))
+        return self.loss(logits, batch["query_mask"], ce_weight=self.ce_weight)
 
     def _mid(self, feats: dict[str, Tensor], reduce: nn.Module) -> Tensor:
         """layer2 ‖ layer3 (layer3 resized to layer2's grid if the backbone is not dilated)."""

@@ -33,6 +33,40 @@ def tiny_store(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> st
 
 
 @pytest.fixture(scope="session")
+def pseudo_key(tiny_store: str) -> str:
+    """A pseudo-mask group of `tiny_store` (4 clusters, 8-d prototypes), the one that
+    `pseudo: latest` finds: cluster c holds image quadrant c, except where noted."""
+    import numpy as np
+
+    from tasks.data import store
+
+    clusters, dim = 4, 8
+    ds = store.open_dataset(tiny_store, "synth")
+    n, size = len(ds.index), ds.size
+    half = size // 2
+    masks = np.zeros((n, size, size), np.uint8)
+    masks[:, :half, half:], masks[:, half:, :half], masks[:, half:, half:] = 1, 2, 3
+    masks[1::2, :half, :half] = 3  # odd rows: no cluster 0 at all
+    masks[:, :3, :3] = 255
+    counts = np.stack([np.bincount(m.ravel(), minlength=256)[:clusters] for m in masks])
+    rng = np.random.default_rng(0)
+    protos = rng.normal(size=(n, clusters, dim)).astype(np.float16)
+    fields = [store.DerivedField("mask", (size, size), "uint8", fill=255),
+              store.DerivedField("counts", (clusters,), "int64"),
+              store.DerivedField("spans", (clusters, 2), "int32"),
+              store.DerivedField("prototypes", (clusters, dim), "float16")]
+    key, _ = store.create_derived(tiny_store, "synth", ds.version, "pseudo", {"test": 1}, fields)
+    for shard, (a, b) in enumerate(store.shard_bounds(n, ds.shard_size)):
+        store.write_derived_shard(tiny_store, "synth", ds.version, key, shard, {
+            "mask": masks[a:b], "counts": counts[a:b],
+            "spans": np.zeros((b - a, clusters, 2), np.int32), "prototypes": protos[a:b]})
+    # Cluster 3 covers half of every image: call it background-like.
+    store.finalize_derived(tiny_store, "synth", ds.version, key,
+                           attrs={"background": {"clusters": [3]}})
+    return key
+
+
+@pytest.fixture(scope="session")
 def fss_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The session's FSS_HOME: the test Prefect server's DB and log live here."""
     home = tmp_path_factory.mktemp("fss-home")

@@ -18,6 +18,18 @@ def test_all_foreground() -> None:
     logits = AllForeground()(torch.zeros(2, 1, 3, 8, 8), torch.zeros(2, 1, 8, 8).long(),
                              torch.zeros(2, 3, 8, 8))
     assert logits.shape == (2, 2, 8, 8) and (logits.argmax(1) == 1).all()
+    # Its objective, the learned models' pixel cross-entropy, is lower where the truth is
+    # foreground; 255 pixels count nowhere.
+    target = torch.ones(2, 8, 8, dtype=torch.long)
+    batch = {"support_img": torch.zeros(2, 1, 3, 8, 8),
+             "support_mask": torch.ones(2, 1, 8, 8, dtype=torch.long),
+             "query_img": torch.zeros(2, 3, 8, 8), "query_mask": target}
+    fg = AllForeground().compute_objective(batch, 1)
+    target[:, :, 4:] = 0
+    half = AllForeground().compute_objective(batch, 1)
+    target[:, :, 4:] = 255
+    assert fg < half
+    torch.testing.assert_close(AllForeground().compute_objective(batch, 1), fg)
 
 
 def test_colour_histogram_separates_colours_and_ignores_255() -> None:

@@ -58,7 +58,7 @@ def test_fluent_tracking_uri_is_put_back(tmp_path: Path,
 
 
 def test_json_safe_writes_null_for_nan() -> None:
-    from tasks.fewshot.experiment import json_safe
+    from tasks.jsonsafe import json_safe
 
     value = json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": "x", "d": None})
     assert _strict_json(json.dumps(value)) == {"a": None, "b": [1.0, None], "c": "x", "d": None}

@@ -6,6 +6,7 @@ parent's summary and the registered model's alias; and a Prefect server's flow-r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,35 @@ def _api(url: str, body: dict | None = None) -> Any:
         return json.load(r)
 
 
+@contextlib.contextmanager
+def _chromium(tmp_path: Path, name: str, server_log: Path) -> Iterator[tuple[Any, Any, Any]]:
+    """A headless Chromium, its 90 s wait and the page's text; on a failure, a screenshot
+    `<name>-failure.png` and the server's log tail."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for arg in [*CHROME_ARGS, f"--user-data-dir={tmp_path / f'{name}-profile'}"]:
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+    def body() -> str:
+        return driver.find_element(By.TAG_NAME, "body").text
+
+    try:
+        yield driver, WebDriverWait(driver, 90), body
+    except Exception:
+        driver.save_screenshot(str(tmp_path / f"{name}-failure.png"))
+        print(server_log.read_text()[-4000:])
+        raise
+    finally:
+        driver.quit()
+
+
 def test_ui_parser_and_busy_port(tmp_path: Path) -> None:
     p = argparse.ArgumentParser()
     add_ui_parser(p.add_subparsers())
@@ -85,11 +116,7 @@ def test_ui_parser_and_busy_port(tmp_path: Path) -> None:
 def test_ablation_parent_and_children_in_the_mlflow_ui(
         tiny_store: str, tmp_path: Path, prefect_api_url: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -102,11 +129,6 @@ def test_ablation_parent_and_children_in_the_mlflow_ui(
     parent_id = out["parent_run_id"]
 
     proc, url = start_mlflow_ui(uri, 0, log=tmp_path / "mlflow-ui.log")
-    options = Options()
-    options.binary_location = str(CHROMIUM)
-    for arg in [*CHROME_ARGS, f"--user-data-dir={tmp_path / 'chrome-profile'}"]:
-        options.add_argument(arg)
-    driver = None
     try:
         # The server's REST API first: what the page must show.
         name = urllib.parse.quote(EXPERIMENT)
@@ -117,56 +139,45 @@ def test_ablation_parent_and_children_in_the_mlflow_ui(
                           if r["info"]["run_id"] != parent_id)
         assert len(children) == 2 and all(c.startswith("metasegnet ") for c in children)
 
-        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-        wait = WebDriverWait(driver, 90)
+        with _chromium(tmp_path, "mlflow-ui", tmp_path / "mlflow-ui.log") as (driver, wait, body):
+            # MLflow 3 opens experiments in its GenAI view: ask for the model-training one.
+            driver.get(f"{url}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
+            wait.until(lambda _: f"ablation {STUDY}" in body())
+            # Child runs are folded under their parent: unfold it with the row's expander button.
+            row = driver.find_element(By.CSS_SELECTOR, f"div[role=row][row-id='{parent_id}']")
+            row.find_elements(By.TAG_NAME, "button")[0].click()
+            wait.until(lambda _: all(c in body() for c in children))
+            shot = tmp_path / "mlflow-ui-runs.png"
+            assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+            text = body()
+            assert f"ablation {STUDY}" in text and "3 matching runs" in text
 
-        def body() -> str:
-            return driver.find_element(By.TAG_NAME, "body").text
+            # The parent's summary artifacts come from the same mlartifacts folder.
+            driver.get(f"{url}/#/experiments/{exp_id}/runs/{parent_id}/artifacts"
+                       "?workflowType=machine_learning")
+            wait.until(lambda _: "summary" in body())
+            driver.find_element(By.XPATH, "//*[normalize-space(text())='summary']").click()
+            wait.until(lambda _: "miou_vs_budget.png" in body() and "report.html" in body())
+            big_images = ("return [...document.images].filter(i => i.complete && "
+                          "i.naturalWidth > 300 && i.naturalHeight > 200).length")
+            before = driver.execute_script(big_images)
+            plot = "//*[normalize-space(text())='miou_vs_budget.png']"
+            driver.find_element(By.XPATH, plot).click()
+            # The preview is the plot itself (a blob: URL), which the server read from the file://
+            # artifact folder.
+            wait.until(lambda _: driver.execute_script(big_images) > before)
+            driver.save_screenshot(str(tmp_path / "mlflow-ui-artifacts.png"))
 
-        # MLflow 3 opens experiments in its GenAI view: ask for the model-training one.
-        driver.get(f"{url}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
-        wait.until(lambda _: f"ablation {STUDY}" in body())
-        # Child runs are folded under their parent: unfold it with the row's expander button.
-        row = driver.find_element(By.CSS_SELECTOR, f"div[role=row][row-id='{parent_id}']")
-        row.find_elements(By.TAG_NAME, "button")[0].click()
-        wait.until(lambda _: all(c in body() for c in children))
-        shot = tmp_path / "mlflow-ui-runs.png"
-        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-        text = body()
-        assert f"ablation {STUDY}" in text and "3 matching runs" in text
-
-        # The parent's summary artifacts come from the same mlartifacts folder.
-        driver.get(f"{url}/#/experiments/{exp_id}/runs/{parent_id}/artifacts"
-                   "?workflowType=machine_learning")
-        wait.until(lambda _: "summary" in body())
-        driver.find_element(By.XPATH, "//*[normalize-space(text())='summary']").click()
-        wait.until(lambda _: "miou_vs_budget.png" in body() and "report.html" in body())
-        big_images = ("return [...document.images].filter(i => i.complete && "
-                      "i.naturalWidth > 300 && i.naturalHeight > 200).length")
-        before = driver.execute_script(big_images)
-        driver.find_element(By.XPATH, "//*[normalize-space(text())='miou_vs_budget.png']").click()
-        # The preview is the plot itself (a blob: URL), which the server read from the file://
-        # artifact folder.
-        wait.until(lambda _: driver.execute_script(big_images) > before)
-        driver.save_screenshot(str(tmp_path / "mlflow-ui-artifacts.png"))
-
-        # The registry: the study's model, its alias (the study) pointing at version 1.
-        model = "fss-metasegnet"
-        by_alias = _api(f"{url}/api/2.0/mlflow/registered-models/alias?"
-                        + urllib.parse.urlencode({"name": model, "alias": STUDY}))
-        assert by_alias["model_version"]["version"] == "1"
-        driver.get(f"{url}/#/models/{model}")
-        wait.until(lambda _: model in body() and STUDY in body() and "Version 1" in body())
-        shot = tmp_path / "mlflow-ui-model.png"
-        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-    except Exception:
-        if driver is not None:
-            driver.save_screenshot(str(tmp_path / "mlflow-ui-failure.png"))
-        print((tmp_path / "mlflow-ui.log").read_text()[-4000:])
-        raise
+            # The registry: the study's model, its alias (the study) pointing at version 1.
+            model = "fss-metasegnet"
+            by_alias = _api(f"{url}/api/2.0/mlflow/registered-models/alias?"
+                            + urllib.parse.urlencode({"name": model, "alias": STUDY}))
+            assert by_alias["model_version"]["version"] == "1"
+            driver.get(f"{url}/#/models/{model}")
+            wait.until(lambda _: model in body() and STUDY in body() and "Version 1" in body())
+            shot = tmp_path / "mlflow-ui-model.png"
+            assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     finally:
-        if driver is not None:
-            driver.quit()
         stop_process(proc)
 
 
@@ -177,23 +188,12 @@ def test_prefect_flow_run_page_shows_logs_and_named_task_runs(
     """`fss ablate` against a Prefect server with its UI (the default one, v2): the flow run's
     page shows the run's own log lines and, on its Task Runs tab, one task per point named by
     what it does."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     from flows.runtime import start_server
 
     study_name = "ui-flow"
     monkeypatch.setenv("FSS_HOME", str(tmp_path / "fss-home"))  # this server's own DB
     proc, api = start_server(ui=True, log=tmp_path / "prefect-ui.log")
     base = api.removesuffix("/api")
-    options = Options()
-    options.binary_location = str(CHROMIUM)
-    for arg in [*CHROME_ARGS, f"--user-data-dir={tmp_path / 'chrome-profile'}"]:
-        options.add_argument(arg)
-    driver = None
     try:
         study = tmp_path / "ablation-flow.yaml"
         study.write_text(yaml.safe_dump(_study(tiny_store, tmp_path) | {"study": study_name}))
@@ -217,29 +217,17 @@ def test_prefect_flow_run_page_shows_logs_and_named_task_runs(
             f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}})]
         started = next(m for m in logs if m.startswith(f"study {study_name}: 2 points"))
 
-        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-        wait = WebDriverWait(driver, 90)
+        with _chromium(tmp_path, "prefect-ui", tmp_path / "prefect-ui.log") as (driver, wait, body):
+            # The Logs tab opens first; the line our flow logged when it started is there.
+            driver.get(f"{base}/v2/runs/flow-run/{run['id']}")
+            wait.until(lambda _: f"ablation {study_name}" in body() and started in body())
+            shot = tmp_path / "prefect-ui-logs.png"
+            assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+            assert "didn't generate logs" not in body()
 
-        def body() -> str:
-            return driver.find_element(By.TAG_NAME, "body").text
-
-        # The Logs tab opens first; the line our flow logged when it started is there.
-        driver.get(f"{base}/v2/runs/flow-run/{run['id']}")
-        wait.until(lambda _: f"ablation {study_name}" in body() and started in body())
-        shot = tmp_path / "prefect-ui-logs.png"
-        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-        assert "didn't generate logs" not in body()
-
-        driver.get(f"{base}/v2/runs/flow-run/{run['id']}?tab=TaskRuns")
-        wait.until(lambda _: all(n in body() for n in names))
-        shot = tmp_path / "prefect-ui-task-runs.png"
-        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-    except Exception:
-        if driver is not None:
-            driver.save_screenshot(str(tmp_path / "prefect-ui-failure.png"))
-        print((tmp_path / "prefect-ui.log").read_text()[-4000:])
-        raise
+            driver.get(f"{base}/v2/runs/flow-run/{run['id']}?tab=TaskRuns")
+            wait.until(lambda _: all(n in body() for n in names))
+            shot = tmp_path / "prefect-ui-task-runs.png"
+            assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     finally:
-        if driver is not None:
-            driver.quit()
         stop_process(proc)

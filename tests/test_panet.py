@@ -92,3 +92,17 @@ def test_align_loss_skips_classes_the_query_does_not_show() -> None:
     assert loss.item() > 0
     loss.backward()
     assert model.backbone.layer4[0].conv1.weight.grad.abs().sum() > 0
+
+
+def test_objective_is_cross_entropy_plus_weighted_alignment() -> None:
+    torch.manual_seed(0)
+    support, mask, query = _episode(2, 1, 1)
+    target = mask[:, 0]
+    batch = {"support_img": support, "support_mask": mask, "query_img": query,
+             "query_mask": target}
+    for weight in (0.0, 0.5):
+        model = PANet(backbone=small_resnet(width=8), align_weight=weight).eval()
+        logits, align = model(support, mask, query, 1, return_align_loss=True)
+        ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=255)
+        assert align > 0
+        torch.testing.assert_close(model.compute_objective(batch, 1), ce + weight * align)

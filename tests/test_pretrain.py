@@ -138,7 +138,7 @@ def test_loss_decreases_on_toy_data(ema: bool) -> None:
 
 
 def _record_store_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every key any Zarr array or group reads from a local store (data and metadata)."""
+    """Every key any Zarr array or group, or the store's row readers, read from a local store."""
     keys: list[str] = []
     get, get_partial = zarr.storage.LocalStore.get, zarr.storage.LocalStore.get_partial_values
 
@@ -153,6 +153,14 @@ def _record_store_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(zarr.storage.LocalStore, "get", spy_get)
     monkeypatch.setattr(zarr.storage.LocalStore, "get_partial_values", spy_partial)
+    # The store's row readers read bytes of a local store directly (one pread per row).
+    read = store._ByteRanges.read
+
+    def spy_read(self, key, *args, **kwargs):
+        keys.append(key)
+        return read(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(store._ByteRanges, "read", spy_read)
     return keys
 
 
@@ -242,14 +250,14 @@ def test_cli_runs_the_flow(tiny_store: str, tmp_path: Path,
 
 def test_summary_json_writes_null_for_nan(tmp_path: Path) -> None:
     """pretrain.json is valid JSON: a non-finite value (a loss part that is NaN) becomes null."""
-    from tasks.labelfree.pretrain import _save
+    from tasks.jsonsafe import write_json
 
     def refuse(token: str) -> None:
         raise ValueError(f"not JSON: {token}")
 
     nan, inf = float("nan"), float("inf")
-    _save(tmp_path / "pretrain.json",
-          {"loss_end": nan, "history": [[1, 2.5, inf, nan]], "steps_per_s": None})
+    write_json(tmp_path / "pretrain.json",
+               {"loss_end": nan, "history": [[1, 2.5, inf, nan]], "steps_per_s": None})
     saved = json.loads((tmp_path / "pretrain.json").read_text(), parse_constant=refuse)
     assert saved == {"loss_end": None, "history": [[1, 2.5, None, None]], "steps_per_s": None}
 

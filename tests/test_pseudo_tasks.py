@@ -13,36 +13,6 @@ from tasks.fewshot.config import TrainConfig
 from tasks.fewshot.training import episode_stream, total_steps, train
 from tasks.labelfree.pseudo_tasks import PseudoEpisodeSampler
 
-K, DIM = 4, 8
-
-
-@pytest.fixture(scope="module")
-def pseudo_key(tiny_store: str) -> str:
-    """Clusters from image quadrants: cluster c holds quadrant c, except where noted."""
-    ds = store.open_dataset(tiny_store, "synth")
-    n, size = len(ds.index), ds.size
-    half = size // 2
-    masks = np.zeros((n, size, size), np.uint8)
-    masks[:, :half, half:], masks[:, half:, :half], masks[:, half:, half:] = 1, 2, 3
-    masks[1::2, :half, :half] = 3  # odd rows: no cluster 0 at all
-    masks[:, :3, :3] = 255
-    counts = np.stack([np.bincount(m.ravel(), minlength=256)[:K] for m in masks])
-    rng = np.random.default_rng(0)
-    protos = rng.normal(size=(n, K, DIM)).astype(np.float16)
-    fields = [store.DerivedField("mask", (size, size), "uint8", fill=255),
-              store.DerivedField("counts", (K,), "int64"),
-              store.DerivedField("spans", (K, 2), "int32"),
-              store.DerivedField("prototypes", (K, DIM), "float16")]
-    key, _ = store.create_derived(tiny_store, "synth", ds.version, "pseudo", {"test": 1}, fields)
-    for shard, (a, b) in enumerate(store.shard_bounds(n, ds.shard_size)):
-        store.write_derived_shard(tiny_store, "synth", ds.version, key, shard, {
-            "mask": masks[a:b], "counts": counts[a:b],
-            "spans": np.zeros((b - a, K, 2), np.int32), "prototypes": protos[a:b]})
-    # Cluster 3 covers half of every image: call it background-like.
-    store.finalize_derived(tiny_store, "synth", ds.version, key,
-                           attrs={"background": {"clusters": [3]}})
-    return key
-
 
 @pytest.fixture
 def no_labels(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,14 +23,14 @@ def no_labels(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("mask", "original_mask", "pixels"):
         monkeypatch.setattr(store.Dataset, name, refuse)
     monkeypatch.setattr(store.Dataset, "class_pixels", property(refuse))
-    read_shard = store.Dataset._read_shard
+    open_array = store._RowReader.array  # every read of Dataset, Derived, ... opens through it
 
-    def guarded(self, key, shard):
-        if key != "images":
+    def guarded(self, key):
+        if not self.where.startswith("derived group") and key != "images":
             refuse()
-        return read_shard(self, key, shard)
+        return open_array(self, key)
 
-    monkeypatch.setattr(store.Dataset, "_read_shard", guarded)
+    monkeypatch.setattr(store._RowReader, "array", guarded)
 
 
 def _sampler(url: str, key: str, **kw) -> PseudoEpisodeSampler:

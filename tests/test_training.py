@@ -31,7 +31,7 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
     cfg = load_config(path, ["steps=7", "budget=0.2", "model_args.scale=5", "test_shots=[5]"])
     assert (cfg.model, cfg.steps, cfg.budget, cfg.test_shots) == ("panet", 7, 0.2, [5])
     assert cfg.model_args == {"scale": 5}
-    with pytest.raises(ValueError, match="unknown config keys"):
+    with pytest.raises(ValueError, match="stepz: unknown key"):
         load_config(path, ["stepz=3"])
     with pytest.raises(ValueError, match="budget"):
         load_config(path, ["budget=1.5"])

@@ -101,6 +101,24 @@ def test_precomputed_features_match_images():
     assert torch.equal(from_images, from_raw)
 
 
+def test_objective_is_dice_plus_weighted_ce_from_images_or_cached_features():
+    si, sm, qi = _episode(k=2)
+    target = sm[:, 0].clone()
+    target[:, :4] = 0  # a query label without the support's 255 rows
+    for weight in (0.0, 0.5):
+        model = _model(ce_weight=weight).eval()
+        with torch.no_grad():
+            want = model.loss(model(si, sm, qi), target, ce_weight=weight)
+            batch = {"support_img": si, "support_mask": sm, "query_img": qi,
+                     "query_mask": target}
+            assert torch.equal(model.compute_objective(batch), want)
+            cached = {"support_mask": sm, "query_mask": target,  # no images: features instead
+                      "features": {"query": model.extract(qi), "support": model.extract(si)}}
+            assert torch.equal(model.compute_objective(cached, 1), want)
+    with pytest.raises(ValueError, match="1-way"):
+        model(si, sm, qi, 2)
+
+
 def test_extract_builds_no_graph_when_frozen():
     model = _model()
     feats = model.extract(torch.randn(1, 2, 3, H, W))

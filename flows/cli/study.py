@@ -61,9 +61,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from flows.train import train_flow
     from tasks.fewshot.config import load_config
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set)  # a bad config stops here: nothing created yet
     with prefect_api():
-        result = train_flow(cfg.to_dict())
+        result = train_flow(cfg)
     print_point(result)
     return 0
 
@@ -101,7 +101,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.config:
             cfg = load_config(args.config, args.set)
         else:  # the checkpoint carries the config it was trained with
-            cfg = from_dict(apply_overrides(state["config"], args.set))
+            origins: dict = {}
+            cfg = from_dict(apply_overrides(state["config"], args.set, origins), origins,
+                            where=f"{ckpt} (its config)")
         model = build_model(cfg)
         model.load_state_dict(state["model"])
     ds = open_dataset(cfg.store, cfg.dataset)
@@ -118,20 +120,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    import yaml
-
     from flows.ablate import run_ablation
     from flows.runtime import prefect_api
-    from tasks.study.ablation import set_grid
+    from tasks.study.ablation import load_study
 
-    study = set_grid(yaml.safe_load(Path(args.config).read_text()), args.grid)
-    if args.study:  # a variant (--set optimizer=sgd) gets its own parent run and summary
-        study["study"] = args.study
+    # Every point is validated here, before the Prefect API, the cluster or any run exists. A
+    # variant (--set optimizer=sgd) named by --study gets its own parent run and summary.
+    study = load_study(args.config, args.set, grid_items=args.grid, name=args.study)
     t0 = time.perf_counter()
     with prefect_api():
-        out = run_ablation(study, workers=args.workers, dask_address=args.dask_address,
+        out = run_ablation(study.spec, workers=args.workers, dask_address=args.dask_address,
                            overrides=args.set, out_dir=args.out)
-    print(f"ablation {study['study']}: {out['points']} points, {out['trained']} trained, "
+    print(f"ablation {study.name}: {out['points']} points, {out['trained']} trained, "
           f"{out['skipped']} already done, {len(out['failed'])} failed "
           f"({time.perf_counter() - t0:.0f} s)")
     for message in out["failed"]:

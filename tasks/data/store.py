@@ -37,6 +37,12 @@ Dask lose data silently: see docs/architecture.md). A shard's ``shard_done`` fla
 so a crash leaves it unset and a rerun rewrites it; a finished shard is skipped. A version is a
 hash of the ingest parameters and the source fingerprint: a changed parameter makes a new version
 instead of overwriting the old one.
+
+Reads: `Dataset`, `Derived` and `UnlabelledImages` read through one mechanism (`_RowReader`).
+Because a chunk is one row inside a Zarr v3 shard, a row is read as the sharding spec lays it
+out: the shard's index (offsets and lengths, read once per shard) names the row's bytes, and one
+ranged read fetches exactly those (`_ShardedRows`, `_ByteRanges`); no shard is decoded whole to
+serve one image. The bytes on disk are what zarr-python writes and reads.
 """
 
 from __future__ import annotations
@@ -575,20 +581,22 @@ def finalize_dataset(store_url: str, name: str, version: str) -> dict[str, Any]:
     return summary
 
 
-class _ShardCache:
-    """Byte-bounded LRU of decoded shards: random episode reads then cost a memory copy.
+class _RowCache:
+    """Byte-bounded LRU of decoded rows (and of whole shards read by `_RowReader.shard`).
 
-    Zarr reads one image from a shard in ~3 ms but a whole 64-image shard in ~17 ms, so
-    reading whole shards and keeping them pays off as soon as a shard is touched twice.
+    A row read from storage costs one ranged read and a decode (`_ShardedRows`), so the cache
+    only saves that for rows read again; it is no longer what makes random reads affordable.
     """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._blocks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._blocks: OrderedDict[tuple[str, str, int], np.ndarray] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, int], load: Callable[[], np.ndarray]) -> np.ndarray:
+    def get(self, key: tuple[str, str, int], load: Callable[[], np.ndarray]) -> np.ndarray:
+        if self.max_bytes <= 0:
+            return load()
         with self._lock:
             block = self._blocks.get(key)
             if block is not None:
@@ -596,13 +604,247 @@ class _ShardCache:
                 return block
         block = load()
         with self._lock:
-            if key not in self._blocks:
+            if key not in self._blocks and block.nbytes <= self.max_bytes:
                 self._blocks[key] = block
                 self._bytes += block.nbytes
-                while self._bytes > self.max_bytes and len(self._blocks) > 1:
+                while self._bytes > self.max_bytes:
                     _, old = self._blocks.popitem(last=False)
                     self._bytes -= old.nbytes
         return block
+
+
+_EMPTY_CHUNK = 2**64 - 1  # a shard index entry (offset and length) of a chunk never written
+
+
+class _ByteRanges:
+    """Ranged reads of a Zarr store's keys, the cheapest way the store allows.
+
+    Local folders: ``os.pread`` (~10 us). fsspec stores with a synchronous filesystem
+    (``file://``, ``memory://``): that filesystem's ``cat_file`` (~60 us). Anything else
+    (s3://, gs://, ...: network latency dominates there): zarr's own async store API.
+    zarr-python's array reads cost ~1 ms per call however few bytes they need, which is why
+    rows are not read through it (`_ShardedRows`).
+    """
+
+    def __init__(self, store: Any):
+        self.store = store
+        self._local: str | None = None  # a folder, with a trailing separator
+        self._fs: Any = None
+        if isinstance(store, zarr.storage.LocalStore):
+            self._local = os.path.join(store.root, "")
+        elif isinstance(store, zarr.storage.FsspecStore):
+            fs = store.fs
+            sync_fs = getattr(fs, "sync_fs", None)  # fsspec's AsyncFileSystemWrapper
+            if sync_fs is not None or not getattr(fs, "async_impl", False):
+                self._fs = sync_fs or fs
+
+    def read(self, key: str, start: int | None = None, stop: int | None = None) -> bytes | None:
+        """Bytes ``[start, stop)`` of ``key`` (a negative ``start`` counts from the end, None
+        reads to the end); None when the key does not exist. Every row read of the store's
+        readers comes through here (the label-accounting tests watch it)."""
+        if self._local is not None:
+            try:
+                fd = os.open(self._local + key, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+            try:
+                if start is not None and start >= 0 and stop is not None:  # a row: no stat
+                    return os.pread(fd, max(stop - start, 0), start)
+                size = os.fstat(fd).st_size
+                lo = 0 if start is None else (max(size + start, 0) if start < 0 else start)
+                hi = size if stop is None else min(stop, size)
+                return os.pread(fd, max(hi - lo, 0), lo)
+            finally:
+                os.close(fd)
+        if self._fs is not None:
+            try:
+                return self._fs.cat_file(f"{self.store.path}/{key}", start=start, end=stop)
+            except FileNotFoundError:
+                return None
+        from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+        from zarr.core.buffer import default_buffer_prototype
+
+        byte_range = (None if start is None else SuffixByteRequest(-start) if start < 0
+                      else OffsetByteRequest(start) if stop is None
+                      else RangeByteRequest(start, stop))
+        buf = zarr.core.sync.sync(self.store.get(key, default_buffer_prototype(), byte_range))
+        return None if buf is None else buf.to_bytes()
+
+
+class _ShardedRows:
+    """Reads of rows of one array chunked by row and sharded by rows (Zarr v3 sharding).
+
+    A row is one inner chunk of its shard: its offset and length come from the shard's index
+    (read once per shard and kept: a shard is written whole, once, before its done flag), and
+    the row is one ranged read of exactly those bytes plus its decode. A whole shard is one
+    read. The layout is read as the Zarr v3 sharding spec defines it (the index of
+    (offset, length) uint64 pairs, at the start or end, optionally crc32c-checked); arrays
+    whose codecs this does not decode (not sharded by rows, variable-length bytes, codecs
+    other than zstd) are read through zarr-python, which gives the same values.
+    """
+
+    def __init__(self, array: zarr.Array, ranges: _ByteRanges, where: str):
+        self.array = array
+        self.where = where
+        self.n_rows = int(array.shape[0])
+        self._ranges = ranges
+        self._index: dict[int, np.ndarray] = {}
+        self._keys: dict[int, str] = {}
+        self._plan = self._decodable(array)
+
+    @staticmethod
+    def _decodable(array: zarr.Array) -> dict[str, Any] | None:
+        from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+        codecs = array.metadata.codecs if array.metadata.zarr_format == 3 else ()
+        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+            return None
+        sharding = codecs[0]
+        row_shape = tuple(array.shape[1:])
+        if tuple(sharding.chunk_shape) != (1, *row_shape) or array.shards is None \
+                or tuple(array.shards[1:]) != row_shape:
+            return None
+        inner = list(sharding.codecs)
+        if not inner or not isinstance(inner[0], BytesCodec) or any(
+                not isinstance(c, ZstdCodec) for c in inner[1:]) or len(inner) > 2:
+            return None
+        index_codecs = list(sharding.index_codecs)
+        if not index_codecs or not isinstance(index_codecs[0], BytesCodec) or any(
+                not isinstance(c, Crc32cCodec) for c in index_codecs[1:]):
+            return None
+        try:
+            dtype = np.dtype(array.dtype)
+        except TypeError:
+            return None
+        if dtype.hasobject:
+            return None
+        endian = inner[0].endian
+        if endian is not None and dtype.itemsize > 1:
+            dtype = dtype.newbyteorder("<" if endian.value == "little" else ">")
+        rows = int(array.shards[0])
+        return {"dtype": dtype, "row_shape": row_shape, "rows": rows,
+                "zstd": len(inner) == 2, "crc32c": len(index_codecs) == 2,
+                "index_bytes": 16 * rows + 4 * (len(index_codecs) == 2),
+                "at_end": sharding.index_location.value == "end",
+                "fill": np.full(row_shape, array.fill_value, dtype)}
+
+    def _key(self, shard: int) -> str:
+        key = self._keys.get(shard)
+        if key is None:
+            chunk = self.array.metadata.encode_chunk_key((shard,) + (0,) * (self.array.ndim - 1))
+            key = self._keys[shard] = f"{self.array.store_path.path}/{chunk}".lstrip("/")
+        return key
+
+    def _parse_index(self, raw: bytes, shard: int) -> np.ndarray:
+        plan = self._plan
+        if len(raw) != plan["index_bytes"]:
+            raise StoreError(f"{self.where}: shard {shard} is truncated: rerun the stage that "
+                             "wrote it")
+        if plan["crc32c"]:
+            import google_crc32c  # zarr's own checksum dependency
+
+            if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                raise StoreError(f"{self.where}: shard {shard}'s index fails its checksum: "
+                                 "rerun the stage that wrote it")
+            raw = raw[:-4]
+        return np.frombuffer(raw, "<u8").reshape(plan["rows"], 2)
+
+    def _shard_index(self, shard: int) -> np.ndarray | None:
+        index = self._index.get(shard)
+        if index is None:
+            n = self._plan["index_bytes"]
+            raw = self._ranges.read(self._key(shard), -n if self._plan["at_end"] else 0,
+                                    None if self._plan["at_end"] else n)
+            if raw is None:
+                return None  # never written (all fill), or not yet: not kept
+            index = self._index[shard] = self._parse_index(raw, shard)
+        return index
+
+    def _decode(self, blob: bytes) -> np.ndarray:
+        plan = self._plan
+        if plan["zstd"]:  # into a buffer of the row's size: saves a third of the decode
+            out = np.empty(plan["row_shape"], plan["dtype"])
+            _BLOB_CODEC.decode(blob, out=out.reshape(-1).view(np.uint8))
+            return out
+        return np.frombuffer(blob, plan["dtype"]).reshape(plan["row_shape"])
+
+    def row(self, row: int) -> np.ndarray:
+        """One row (read-only when it came from storage; copy it to modify it)."""
+        if not 0 <= row < self.n_rows:
+            raise IndexError(f"{self.where}: row {row} outside 0..{self.n_rows - 1}")
+        if self._plan is None:
+            return self.array[row:row + 1][0]  # a slice: see Dataset.original_mask
+        shard, offset = divmod(row, self._plan["rows"])
+        index = self._shard_index(shard)
+        if index is None or int(index[offset, 0]) == _EMPTY_CHUNK:
+            return self._plan["fill"]
+        start, length = (int(v) for v in index[offset])
+        blob = self._ranges.read(self._key(shard), start, start + length)
+        if blob is None or len(blob) != length:
+            raise StoreError(f"{self.where}: row {row} could not be read whole")
+        return self._decode(blob)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of one shard, with one read of the shard."""
+        if self._plan is None:
+            return self.array[start:stop]
+        shard = start // self._plan["rows"]
+        if stop > min((shard + 1) * self._plan["rows"], self.n_rows) or start >= stop:
+            raise ValueError(f"{self.where}: rows {start}..{stop} are not within one shard")
+        out = np.empty((stop - start, *self._plan["row_shape"]), self._plan["dtype"])
+        blob = self._ranges.read(self._key(shard))
+        if blob is None:
+            out[...] = self._plan["fill"]
+            return out
+        n = self._plan["index_bytes"]
+        at_end = self._plan["at_end"]
+        index = self._parse_index(blob[-n:] if at_end else blob[:n], shard)
+        self._index.setdefault(shard, index)
+        base = start - shard * self._plan["rows"]
+        for k in range(stop - start):
+            offset, length = (int(v) for v in index[base + k])
+            out[k] = (self._plan["fill"] if offset == _EMPTY_CHUNK
+                      else self._decode(blob[offset:offset + length]))
+        return out
+
+
+class _RowReader:
+    """The one reading mechanism of `Dataset`, `Derived` and `UnlabelledImages`: rows and
+    whole shards of the arrays of one group, by key, through `_ShardedRows` and one
+    `_RowCache`. An array is opened on its first read, so a reader never touches an array it
+    is not asked for; ``allowed`` limits the keys it will read at all (label accounting)."""
+
+    def __init__(self, group: zarr.Group, shard_size: int, cache_bytes: int, where: str,
+                 allowed: Sequence[str] | None = None):
+        self.group = group
+        self.shard_size = shard_size
+        self.where = where
+        self.allowed = None if allowed is None else frozenset(allowed)
+        self._cache = _RowCache(cache_bytes)
+        self._ranges = _ByteRanges(group.store_path.store)
+        self._arrays: dict[str, _ShardedRows] = {}
+
+    def array(self, key: str) -> _ShardedRows:
+        """The reader of one array, opened (its metadata read) on first use."""
+        if self.allowed is not None and key not in self.allowed:
+            raise StoreError(f"{self.where}: {key!r} is not readable here (only "
+                             f"{sorted(self.allowed)})")
+        rows = self._arrays.get(key)
+        if rows is None:
+            rows = self._arrays[key] = _ShardedRows(self.group[key], self._ranges,
+                                                     f"{self.where} {key}")
+        return rows
+
+    def row(self, key: str, row: int) -> np.ndarray:
+        """One row of ``key`` (cached; do not modify the result)."""
+        return self._cache.get((key, "row", row), lambda: self.array(key).row(row))
+
+    def shard(self, key: str, shard: int) -> np.ndarray:
+        """All rows of one shard of ``key`` (cached; do not modify the result)."""
+        start = shard * self.shard_size
+        reader = self.array(key)
+        stop = min(start + self.shard_size, reader.n_rows)
+        return self._cache.get((key, "shard", shard), lambda: reader.rows(start, stop))
 
 
 class Dataset:
@@ -633,8 +875,8 @@ class Dataset:
         self.unlabelled_ids: list[str] = self.index["id"].to_numpy()[
             ok & ~self.index["labelled"].to_numpy()].tolist()
         self._row_of = {i: int(r) for i, r in zip(self.ids, self._rows, strict=True)}
-        self._cache = _ShardCache(cache_bytes)
-        self._arrays: dict[str, Any] = {}
+        self._reader = _RowReader(group, self.shard_size, cache_bytes,
+                                  f"{self.name}/{self.version}")
         self._sizes = self.index[["height", "width"]].to_numpy()
         self.resize: str = resize_mode(self.params)
         self._boxes = _boxes(group)
@@ -678,36 +920,24 @@ class Dataset:
         """Per-class pixel counts at original resolution."""
         return self.class_pixels[self.row(image_id)]
 
-    def _read(self, key: str, image_id: str) -> np.ndarray:
-        shard, offset = divmod(self.row(image_id), self.shard_size)
-        return self._cache.get((key, shard), lambda: self._read_shard(key, shard))[offset]
-
-    def _read_shard(self, key: str, shard: int) -> np.ndarray:
-        # Opening an array reads its metadata (~3 ms): do it once per array, and only on a miss.
-        if key not in self._arrays:
-            self._arrays[key] = self.group[key]
-        arr = self._arrays[key]
-        start = shard * self.shard_size
-        return arr[start:min(start + self.shard_size, arr.shape[0])]
-
     def image(self, image_id: str) -> np.ndarray:
-        return self._read("images", image_id).copy()
+        """(S, S, 3) uint8: one ranged read of this image's bytes (`_ShardedRows`)."""
+        return self._reader.row("images", self.row(image_id)).copy()
 
     def mask(self, image_id: str) -> np.ndarray:
-        return self._read("masks", image_id).copy()
+        """(S, S) uint8 class ids, 255 = ignore: one ranged read and a zstd decode."""
+        return self._reader.row("masks", self.row(image_id)).copy()
 
     def original_mask(self, image_id: str) -> np.ndarray:
         """(h, w) uint8: the label at its own original size. Reads and decodes this one row
         (layout 2), so memory follows this label, whatever the other images' sizes."""
         row = self.row(image_id)
         h, w = (int(v) for v in self._sizes[row])
-        if self._layout < 2:  # padded to the dataset's largest image: whole shards, cached
-            return self._read("original_masks", image_id)[:h, :w].copy()
-        if "original_masks" not in self._arrays:
-            self._arrays["original_masks"] = self.group["original_masks"]
-        # A slice, not [row]: zarr 3.1.6 reads one element of a bytes array as a numpy 'S'
-        # scalar, which drops trailing zero bytes (and a zstd frame may end with one).
-        blob = self._arrays["original_masks"][row:row + 1][0]
+        if self._layout < 2:  # padded to the dataset's largest image
+            return self._reader.row("original_masks", row)[:h, :w].copy()
+        # Variable-length bytes (read through zarr-python, as a slice: `_ShardedRows.row`),
+        # not cached: evaluation reads each once.
+        blob = self._reader.array("original_masks").row(row)
         return decode_original_mask(blob, h, w,
                                     f"{self.name}/{self.version} original mask of {image_id!r}")
 
@@ -742,8 +972,9 @@ class UnlabelledImages:
         _require_sound(group, name, version, keys=self._ARRAYS)
         self.name, self.version = name, version
         self.size = int(group.attrs["size"])
-        self._shard_size = int(group.attrs["shard_size"])
-        self._images = group["images"]
+        # Reads "images" only: any other key is refused before it is opened.
+        self._reader = _RowReader(group, int(group.attrs["shard_size"]), cache_bytes,
+                                  f"{name}/{version}", allowed=("images",))
         ok = group["index/status"][:] == INGESTED
         rows = np.flatnonzero(ok)
         all_ids = group["index/id"][:]
@@ -752,7 +983,6 @@ class UnlabelledImages:
         self._split = {i: str(s) for i, s in zip(self.ids, group["index/split"][:][ok],
                                                   strict=True)}
         self._row = dict(zip(self.ids, rows.tolist(), strict=True))
-        self._cache = _ShardCache(cache_bytes)
 
     def __getattr__(self, name: str) -> Any:
         raise LabelAccessError(f"pretraining sees no labels: {type(self).__name__} has no {name!r}")
@@ -764,29 +994,16 @@ class UnlabelledImages:
         return [i for i in self.ids if self._split[i] == split]
 
     def image(self, image_id: str) -> np.ndarray:
-        """(S, S, 3) uint8; whole shards are read and cached (see `tasks._ShardCache`)."""
-        shard, offset = divmod(self._row[image_id], self._shard_size)
-        start = shard * self._shard_size
-        stop = min(start + self._shard_size, self._images.shape[0])
-        block = self._cache.get(("images", shard), lambda: self._images[start:stop])
-        return block[offset].copy()
+        """(S, S, 3) uint8: one ranged read of this image's bytes (`_ShardedRows`)."""
+        return self._reader.row("images", self._row[image_id]).copy()
 
 
 def open_dataset(store_url: str, name: str, version: str | None = None, *,
                  cache_bytes: int = 1 << 30, storage_options: dict | None = None) -> Dataset:
     """Open a dataset (its latest complete version unless one is named)."""
-    root = _root(store_url, mode="r", storage_options=storage_options)
-    path = f"{DATASETS}/{validate_name(name)}"
-    if path not in root:
-        known = ", ".join(list_datasets(store_url)) or "none"
-        raise StoreError(f"no dataset {name!r} in {store_url} (datasets: {known})")
-    if version is None:
-        version = root[path].attrs.get("latest")
-        if version is None:
-            raise StoreError(f"dataset {name!r} has no completed version yet: rerun its ingest")
-    group = _group_or_none(root, f"{path}/{version}")
-    if group is None:
-        raise StoreError(f"dataset {name!r} has no version {version!r}")
+    version = resolve_version(store_url, name, version, storage_options=storage_options)
+    group = _root(store_url, mode="r", storage_options=storage_options)[
+        _version_path(name, version)]
     _require_sound(group, name, version)
     return Dataset(group, cache_bytes)
 
@@ -856,16 +1073,19 @@ _ROW_ARRAYS = ("images", "masks")  # original masks are ragged: `Dataset.origina
 _INDEX_COLUMNS = ("id", "split", "status", "height", "width")
 
 
-def resolve_version(store_url: str, name: str, version: str | None = None) -> str:
-    """The named version, checked to exist, or the dataset's latest complete one."""
-    root = _root(store_url, mode="r")
+def resolve_version(store_url: str, name: str, version: str | None = None, *,
+                    storage_options: dict | None = None) -> str:
+    """The named version, checked to exist as a group, or the dataset's latest complete one."""
+    root = _root(store_url, mode="r", storage_options=storage_options)
     path = f"{DATASETS}/{validate_name(name)}"
     if path not in root:
-        raise StoreError(f"no dataset {name!r} in {store_url}")
+        known = ", ".join(sorted(k for k, _ in root[DATASETS].groups())) \
+            if DATASETS in root else ""
+        raise StoreError(f"no dataset {name!r} in {store_url} (datasets: {known or 'none'})")
     version = version or root[path].attrs.get("latest")
     if version is None:
         raise StoreError(f"dataset {name!r} has no completed version yet: rerun its ingest")
-    if f"{path}/{version}" not in root:
+    if _group_or_none(root, f"{path}/{version}") is None:
         raise StoreError(f"dataset {name!r} has no version {version!r}")
     return version
 
@@ -900,8 +1120,9 @@ def read_dataset_shard(store_url: str, name: str, version: str, array: str,
         raise ValueError(f"unknown dataset array {array!r}; known: {_ROW_ARRAYS} (original "
                          "masks: Dataset.original_mask, one at a time)")
     g = _root(store_url, mode="r")[_version_path(name, version)]
-    rows = int(g.attrs["shard_size"])
-    return g[array][shard * rows:(shard + 1) * rows]
+    reader = _RowReader(g, int(g.attrs["shard_size"]), 0, f"{name}/{version}",
+                        allowed=(array,))
+    return reader.shard(array, shard)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1079,8 +1300,8 @@ class Derived:
         ok = status == INGESTED
         self.ids: list[str] = ids[ok].tolist()
         self._row_of = {i: int(r) for i, r in zip(self.ids, np.flatnonzero(ok), strict=True)}
-        self._cache = _ShardCache(cache_bytes)
-        self._arrays: dict[str, Any] = {}
+        self._reader = _RowReader(group, self.shard_size, cache_bytes,
+                                  f"derived group {self.key}", allowed=self.fields)
 
     def __repr__(self) -> str:
         return f"Derived({self.key!r}, fields={self.fields}, complete={self.complete})"
@@ -1097,19 +1318,12 @@ class Derived:
 
     def shard(self, shard: int, field_name: str | None = None) -> np.ndarray:
         """All rows of one shard of a field (cached; do not modify the result)."""
-        key = field_name or self.primary
-        return self._cache.get((key, shard), lambda: self._read_shard(key, shard))
-
-    def _read_shard(self, key: str, shard: int) -> np.ndarray:
-        if key not in self._arrays:  # opening an array reads its metadata: once, on a miss
-            self._arrays[key] = self.group[key]
-        start = shard * self.shard_size
-        return self._arrays[key][start:min(start + self.shard_size, self.n_rows)]
+        return self._reader.shard(field_name or self.primary, shard)
 
     def get(self, image_id: str, field_name: str | None = None) -> np.ndarray:
-        """One image's row of a field (the group's primary field by default)."""
-        shard, offset = divmod(self.row(image_id), self.shard_size)
-        return self.shard(shard, field_name)[offset].copy()
+        """One image's row of a field (the group's primary field by default): one ranged
+        read of that row's bytes."""
+        return self._reader.row(field_name or self.primary, self.row(image_id)).copy()
 
     def read(self, field_name: str) -> np.ndarray:
         """A whole field, row-aligned with the dataset (for small per-image tables)."""
@@ -1122,7 +1336,7 @@ class Derived:
 def open_derived(store_url: str, name: str, key: str, version: str | None = None, *,
                  cache_bytes: int = 256 << 20, storage_options: dict | None = None) -> Derived:
     """Open a derived group of a dataset version (the latest complete one unless named)."""
-    version = resolve_version(store_url, name, version)
+    version = resolve_version(store_url, name, version, storage_options=storage_options)
     root = _root(store_url, mode="r", storage_options=storage_options)
     path = _derived_path(name, version, key)
     if path not in root or not root[path].attrs.get("created"):

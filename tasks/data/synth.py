@@ -41,6 +41,7 @@ from skimage import draw, measure
 from tqdm import tqdm
 
 from tasks import defaults
+from tasks.jsonsafe import write_text
 
 VERSION = 1
 SHAPES = ("blob", "star", "box", "triangle", "cross")
@@ -476,8 +477,7 @@ def synthesize(out_dir: str | Path, *, n_train: int = defaults.SYNTH_TRAIN,
                   "coco_val_json": "coco/annotations/instances_val.json",
                   "coco_train_images": "coco/train", "coco_val_images": "coco/val"},
     }
-    tmp = root / "synth.json.tmp"  # synth.json appears last and whole: it marks completion
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    tmp.replace(meta)
+    # synth.json appears last and whole: it marks completion
+    write_text(meta, json.dumps(summary, indent=1) + "\n")
     marker.unlink()
     return _with_paths(summary, root)

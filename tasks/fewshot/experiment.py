@@ -25,12 +25,11 @@ from tasks.fewshot.training import (
     EvalResult,
     build_model,
     evaluate_fold,
-    load_state,
     save_initial,
     train,
-    write_json,
 )
-from tasks.jsonsafe import json_safe
+from tasks.jsonsafe import write_json, write_text
+from tasks.loop import load_state
 from tasks.study.tracking import Tracker, code_version
 
 RESULT = "result.json"
@@ -112,7 +111,7 @@ def _run_point_locked(cfg: TrainConfig, ds: Dataset, name: str, run_dir: Path,
             "data.name": ds.name, "data.version": ds.version,
             "data.fingerprint": ds.fingerprint, "code.version": code_version()})
         tracker.client.log_inputs(tracker.run_id, datasets=data_inputs(cfg, ds))
-        (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": cfg.to_dict()}))
+        write_text(run_dir / "config.yaml", yaml.safe_dump({"train": cfg.to_dict()}))
         if cfg.budget > 0 or cfg.pseudo:
             fit = train(cfg, run_dir, on_metrics=tracker.log_metrics,
                         on_checkpoint=tracker.flush, progress=progress, dataset=ds)
@@ -149,7 +148,7 @@ def _run_point_locked(cfg: TrainConfig, ds: Dataset, name: str, run_dir: Path,
         for folder in sorted((run_dir / "eval").iterdir()):
             for f in sorted(folder.iterdir()):
                 tracker.log_artifact(f, f"eval/{folder.name}")
-        write_json(run_dir / RESULT, json_safe(summary))
+        write_json(run_dir / RESULT, summary)
         tracker.finish()
         return summary
     except BaseException:

@@ -11,19 +11,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
-import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from filelock import FileLock
 from torch import nn
 from tqdm.auto import tqdm
@@ -39,6 +36,7 @@ from tasks.fewshot.episodes import Episode, EpisodeSampler, batch_to_tensors, ho
 from tasks.fewshot.metrics import SegmentationMeter, upsample_logits_to
 from tasks.labelfree.embeddings import to_input
 from tasks.labelfree.pseudo_tasks import PseudoEpisodeSampler
+from tasks.loop import TrainingLoop, load_state, save_checkpoint
 
 MetricsHook = Callable[[dict[str, float], int], None]
 
@@ -57,9 +55,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     if cfg.model == "metasegnet":
         return MetaSegNet(backbone=backbone, **args)
     if cfg.model == "panet":
-        args.pop("align_weight", None)
         return PANet(backbone=backbone, **args)
-    return UMTTransformer(backbone, **args)
+    return UMTTransformer(backbone, ce_weight=cfg.ce_weight, **args)
 
 
 class FrozenFeatureCache:
@@ -94,29 +91,12 @@ class FrozenFeatureCache:
 
 
 def forward_logits(model: nn.Module, batch: dict[str, Any], ways: int) -> torch.Tensor:
-    """(B, ways + 1, H, W) logits of the query, whatever the model.
-
-    `batch["features"]`, when present, holds cached frozen-backbone taps (UMT only).
-    """
-    if isinstance(model, UMTTransformer):
-        if "features" in batch:
-            return model(None, batch["support_mask"], None, features=batch["features"])
-        return model(batch["support_img"], batch["support_mask"], batch["query_img"])
-    return model(batch["support_img"], batch["support_mask"], batch["query_img"], n_ways=ways)
-
-
-def training_loss(model: nn.Module, batch: dict[str, Any], ways: int,
-                  cfg: TrainConfig) -> torch.Tensor:
-    target = batch["query_mask"]
-    if isinstance(model, UMTTransformer):
-        return model.loss(forward_logits(model, batch, ways), target, ce_weight=cfg.ce_weight)
-    if isinstance(model, PANet):
-        align_weight = float(cfg.model_args.get("align_weight", 1.0))
-        if align_weight > 0:
-            logits, align = model(batch["support_img"], batch["support_mask"],
-                                  batch["query_img"], n_ways=ways, return_align_loss=True)
-            return F.cross_entropy(logits, target, ignore_index=255) + align_weight * align
-    return F.cross_entropy(forward_logits(model, batch, ways), target, ignore_index=255)
+    """(B, ways + 1, H, W) logits of the query, whatever the model: every model takes
+    (support_img, support_mask, query_img, n_ways). `batch["features"]`, when present, holds
+    cached frozen-backbone taps that stand in for the images (UMT only)."""
+    cached = {"features": batch["features"]} if "features" in batch else {}
+    return model(batch.get("support_img"), batch["support_mask"], batch.get("query_img"),
+                 n_ways=ways, **cached)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -136,47 +116,6 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-# --- checkpoints -------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic write: a crash mid-save leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_state(path: Path) -> dict[str, Any]:
-    """A checkpoint written by `save_checkpoint`, loaded with ``weights_only`` (a file that
-    would run code when unpickled is refused). A file that is not one (garbage, truncated,
-    empty, or pickled objects that are not weights) raises a ValueError naming it."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise  # the disk's or the path's fault, not the file's content: the CLI says which
-    except Exception as exc:  # noqa: BLE001 - a damaged file fails in any of many ways
-        # (UnpicklingError, EOFError, RuntimeError from the zip reader, IndexError, ...)
-        import re
-
-        text = str(exc)
-        if text.startswith("Weights only load failed"):  # torch's refusal, at length: its
-            # reason is the paragraph between the advice and the pointer to the docs
-            parts = [p for p in re.split(r"\n\s*\n", text)[1:]
-                     if p.strip() and not p.strip().startswith("Check the documentation")]
-            text = " ".join(parts).split("WeightsUnpickler error:")[-1] or text
-        detail = " ".join(text.split())
-        size = os.path.getsize(path) if os.path.isfile(path) else 0
-        what = "an empty file" if size == 0 else (
-            f"{type(exc).__name__}: {detail[:200]}" if detail else type(exc).__name__)
-        raise ValueError(f"{path}: not a readable checkpoint ({what}); it is truncated, "
-                         "damaged, or was not written by this tool") from exc
-    if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path}: not a checkpoint of this tool (no 'model' entry; keys: "
-                         f"{list(state)[:5] if isinstance(state, dict) else type(state).__name__})")
-    return state
 
 
 # --- evaluation --------------------------------------------------------------------------------
@@ -391,8 +330,7 @@ _LABELLED_ONLY = ("budget", "budget_seed", "val_fraction", "steps", "test_episod
 def pseudo_phase_config(cfg: TrainConfig) -> TrainConfig:
     """The config of `cfg`'s pseudo phase: that of its 0 % point, labelled-only keys reset."""
     defaults = TrainConfig()
-    return dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in _LABELLED_ONLY}
-                               | {"budget": 0.0})
+    return cfg.replace(**{k: getattr(defaults, k) for k in _LABELLED_ONLY} | {"budget": 0.0})
 
 
 def pseudo_phase_dir(cfg: TrainConfig, ds: Dataset) -> Path:
@@ -426,54 +364,42 @@ def run_phase(cfg: TrainConfig, phase: Phase, run_dir: Path, *, model: nn.Module
               stop_after: int | None = None) -> TrainResult:
     """Train (or resume) one phase in `run_dir`: the one loop of every model and budget."""
     t0 = time.perf_counter()
-    last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    best_path = run_dir / "checkpoints" / "best.pt"
     # Seeded per phase: a phase's steps do not depend on what ran before it in this process.
     torch.manual_seed(cfg.seed)
     if phase.init is not None:
         model.load_state_dict(phase.init)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(cfg, params)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(phase.steps))
-    step, best_step, best_val = 0, 0, -1.0
+    loop = TrainingLoop(model, functools.partial(make_optimizer, cfg), steps=phase.steps,
+                        checkpoint=run_dir / "checkpoints" / "last.pt",
+                        desc=f"train {cfg.model}", progress=progress)
+    best_step, best_val = 0, -1.0
     history: list[tuple[int, float]] = []
     log: list[tuple[int, dict[str, float]]] = []
-    if last_path.exists():
-        state = load_state(last_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        step, best_step, best_val = state["step"], state["best_step"], state["best_val"]
+    state = loop.resume()
+    if state is not None:
+        best_step, best_val = state["best_step"], state["best_val"]
         history = [tuple(h) for h in state["history"]]
         log = [(s, dict(m)) for s, m in state.get("log", [])]
-    resumed_from = step
+    resumed_from = loop.step
 
     def record(metrics: dict[str, float], local_step: int) -> None:
         log.append((phase.offset + local_step, metrics))
         emit(metrics, phase.offset + local_step)
 
-    bar = tqdm(total=phase.steps, initial=step, desc=f"train {cfg.model}", unit="step",
-               disable=not progress)
-    done_here = 0
-    while step < phase.steps:
-        model.train()
+    def save_best(step: int) -> None:
+        save_checkpoint(best_path, {"model": model.state_dict(), "step": phase.offset + step,
+                                    "config": cfg.to_dict()})
+
+    def objective(step: int) -> dict[str, torch.Tensor]:
         sampler = phase.stream(step)
         batch = make_batch(episodes_for_step(sampler, step, cfg.batch_size), device, cache)
         with _autocast(device):
-            loss = training_loss(model, batch, cfg.ways, cfg)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at step "
-                                     f"{phase.offset + step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        step += 1
-        done_here += 1
-        history.append((phase.offset + step, float(loss.item())))
-        record({"train/loss": history[-1][1], "train/lr": sched.get_last_lr()[0]}, step)
-        bar.update()
-        bar.set_postfix(loss=f"{history[-1][1]:.3f}")
+            return {"loss": model.compute_objective(batch, cfg.ways)}
+
+    def after_step(step: int, parts: Mapping[str, torch.Tensor]) -> None:
+        nonlocal best_step, best_val
+        history.append((phase.offset + step, float(parts["loss"].item())))
+        record({"train/loss": history[-1][1], "train/lr": loop.lr()}, step)
         validate = step % cfg.val_every == 0 or step == phase.steps
         if pseudo_val is not None and validate:
             fit = evaluate(model, pseudo_val, episodes=cfg.val_episodes,
@@ -482,28 +408,21 @@ def run_phase(cfg: TrainConfig, phase: Phase, run_dir: Path, *, model: nn.Module
             record({"val_pseudo/miou": fit.miou, "val_pseudo/fbiou": fit.fbiou}, step)
         if phase.val is None and step == phase.steps:  # nothing selects: the last one is kept
             best_step = phase.offset + step
-            save_checkpoint(best_path, {"model": model.state_dict(), "step": best_step,
-                                        "config": cfg.to_dict()})
+            save_best(step)
         elif phase.val is not None and validate:
             val = evaluate(model, phase.val, episodes=cfg.val_episodes,
                            class_names=ds.classes, device=device, scoring="hsnet", cache=cache)
             record({"val/miou": val.miou, "val/fbiou": val.fbiou}, step)
             if val.miou > best_val:
                 best_val, best_step = val.miou, phase.offset + step
-                save_checkpoint(best_path, {"model": model.state_dict(), "step": best_step,
-                                            "config": cfg.to_dict()})
-        if step % cfg.checkpoint_every == 0 or step == phase.steps:
-            if on_checkpoint is not None:  # before the file: metrics up to it survive a crash
-                on_checkpoint()
-            save_checkpoint(last_path, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "step": step,
-                "best_step": best_step, "best_val": best_val, "history": history,
-                "log": log, "config": cfg.to_dict()})
-        if stop_after is not None and done_here >= stop_after:
-            break
-    bar.close()
-    return TrainResult(run_dir=run_dir, steps=phase.offset + step, best_step=best_step,
+                save_best(step)
+
+    loop.run(objective, checkpoint_every=cfg.checkpoint_every, after_step=after_step,
+             extra_state=lambda: {"best_step": best_step, "best_val": best_val,
+                                  "history": history, "log": log, "config": cfg.to_dict()},
+             before_checkpoint=on_checkpoint,  # before the file: metrics up to it survive a crash
+             stop_after=stop_after, step_offset=phase.offset)
+    return TrainResult(run_dir=run_dir, steps=phase.offset + loop.step, best_step=best_step,
                        best_val_miou=best_val if phase.val is not None else float("nan"),
                        history=history, seconds=time.perf_counter() - t0,
                        resumed_from=phase.offset + resumed_from, log=log)
@@ -594,17 +513,6 @@ def save_initial(cfg: TrainConfig, run_dir: Path) -> TrainResult:
                        history=[], seconds=0.0)
 
 
-def _warmup_cosine(total: int, warmup_frac: float = 0.05) -> Callable[[int], float]:
-    warmup = max(1, int(total * warmup_frac))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    return factor
-
-
 def eval_settings(cfg: TrainConfig) -> Iterator[tuple[int, int]]:
     """(ways, shots) pairs scored on the test fold."""
     for ways in cfg.test_ways or [cfg.ways]:
@@ -634,10 +542,3 @@ def evaluate_fold(cfg: TrainConfig, model: nn.Module, *, keep_samples: int = 0,
                                 keep_samples=keep_samples, progress=progress,
                                 desc=f"test {ways}-way {shots}-shot", cache=cache))
     return results
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)

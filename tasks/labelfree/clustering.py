@@ -516,7 +516,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "report.json"
-    json_path.write_text(jsonsafe.dumps(report, indent=2))  # NaN (no foreground) as null
+    jsonsafe.write_json(json_path, report)  # NaN (no foreground) as null
     rows = [{"split": split, "class_id": c, "class": report["classes"][c], **v}
             for split, scores in [("all", report["all"]), *report["splits"].items()]
             for c, v in scores["per_class"].items()]

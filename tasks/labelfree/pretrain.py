@@ -17,23 +17,24 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from models.dense_ssl import Augment, DenseSSL
-from tasks import defaults, jsonsafe
+from tasks import defaults
 from tasks.data.store import LabelAccessError, UnlabelledImages  # noqa: F401 - re-exported
+from tasks.jsonsafe import write_json
+from tasks.loop import TrainingLoop, save_checkpoint
 
 FORMAT = 1  # bump when the training recipe changes, so old outputs are not taken as current
 BACKBONE_FILE, SUMMARY_FILE = "backbone.pth", "pretrain.json"
 EMA_MOMENTUM = 0.99  # start of the cosine schedule to 1 (BYOL)
+WEIGHT_DECAY = 1e-4  # AdamW's
 
 
 def default_view_size(image_size: int) -> int:
@@ -68,27 +69,8 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-def _lr_factor(total: int, warmup: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    return factor
-
-
 def _momentum(step: int, total: int) -> float:
     return 1 - (1 - EMA_MOMENTUM) * (math.cos(math.pi * step / total) + 1) / 2
-
-
-def _save(path: Path, obj: Any) -> None:
-    """Atomic write (torch or, for ``.json``, JSON): a crash mid-save keeps the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".json":
-        tmp.write_text(jsonsafe.dumps(obj, indent=2))  # NaN as null
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _check_params(found: dict[str, Any], params: dict[str, Any], where: Path) -> None:
@@ -140,56 +122,37 @@ def pretrain(store_url: str, dataset: str, out_dir: str | Path, *,
     torch.manual_seed(seed)
     model = DenseSSL(backbone, temperature=temperature, global_weight=global_weight, ema=ema,
                      augment=Augment(size=view, scale=tuple(params["crop_scale"]))).to(dev)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                            weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(steps, max(1, steps // 20)))
-    last = out / "checkpoints" / "last.pt"
-    step, history, seconds = 0, [], 0.0
-    if last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=True)
-        _check_params(state["params"], params, last)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        step, history, seconds = state["step"], state["history"], state["seconds"]
+    loop = TrainingLoop(
+        model, lambda trainable: torch.optim.AdamW(trainable, lr=lr, weight_decay=WEIGHT_DECAY),
+        steps=steps, checkpoint=out / "checkpoints" / "last.pt", desc=f"pretrain {backbone}",
+        progress=progress)
+    state = loop.resume(check=lambda found: _check_params(found["params"], params,
+                                                          loop.checkpoint))
+    history, seconds = ([], 0.0) if state is None else (state["history"], state["seconds"])
 
-    model.train()
-    bar = tqdm(total=steps, initial=step, desc=f"pretrain {backbone}", unit="step",
-               disable=not progress)
-    t0, done_here = time.perf_counter(), 0
-    while step < steps:
+    def objective(step: int) -> dict[str, torch.Tensor]:
         batch = np.stack([images.image(i) for i in _batch_ids(ids, seed, step, batch_size)])
         x = torch.from_numpy(batch).to(dev).permute(0, 3, 1, 2).float() / 255.0
-        parts = model(x, _step_generator(seed, step))
-        if not torch.isfinite(parts["loss"]):
-            raise FloatingPointError(f"pretraining loss is {parts['loss'].item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        opt.step()
-        sched.step()
-        step += 1
-        done_here += 1
+        return model(x, _step_generator(seed, step))
+
+    def after_step(step: int, parts: Mapping[str, torch.Tensor]) -> None:
         if ema:
             model.update_target(_momentum(step, steps))
         history.append([step] + [round(parts[k].item(), 5) for k in ("loss", "dense", "global")])
-        bar.update()
-        bar.set_postfix(loss=f"{history[-1][1]:.3f}")
-        if step % checkpoint_every == 0 or step == steps:
-            _save(last, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-                         "step": step, "history": history, "params": params,
-                         "seconds": seconds + time.perf_counter() - t0})
-        if stop_after is not None and done_here >= stop_after:
-            bar.close()
-            return backbone_path  # not written yet: the run is unfinished
-    bar.close()
+
+    t0 = time.perf_counter()
+    done_here = loop.run(objective, checkpoint_every=checkpoint_every, after_step=after_step,
+                         extra_state=lambda: {"history": history, "params": params,
+                                              "seconds": seconds + time.perf_counter() - t0},
+                         stop_after=stop_after, loss_name="pretraining loss")
+    if loop.step < steps:
+        return backbone_path  # not written yet: the run is unfinished
     this_call = time.perf_counter() - t0
     seconds += this_call
 
-    _save(backbone_path, model.backbone.state_dict())
+    save_checkpoint(backbone_path, model.backbone.state_dict())
     tenth = max(1, steps // 10)  # single steps are noisy: report means over a tenth of the run
-    _save(summary_path, {
+    write_json(summary_path, {
         "params": params, "store": store_url, "complete": True, "device": str(dev),
         "seconds": round(seconds, 2),
         "steps_per_s": round(done_here / this_call, 3) if done_here else None,
