@@ -8,11 +8,9 @@ from typing import Any
 
 import dask
 from prefect import flow, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
-from tqdm.auto import tqdm
 
+from flows.fanout import artifact_slug, fan_out
 from flows.runtime import task_runner
 from tasks import defaults
 from tasks.data import store
@@ -41,29 +39,19 @@ def features_flow(store_url: str, name: str, embedder: dict[str, Any],
     done = store.done_shards(store_url, name, plan.version, derived=plan.key)
     todo = [k for k in range(plan.n_shards) if k not in done]
     with dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext():
-        futures = [extract_shard_task.submit(store_url, name, plan.version, plan.key, k,
-                                             embedder, batch_size) for k in todo]
-    artifact = create_progress_artifact(
-        progress=100.0 * len(done) / plan.n_shards, key=f"features-{_slug(name)}",
-        description=f"feature shards of {name}/{plan.version} ({plan.key})")
-    bar = tqdm(total=plan.n_shards, initial=len(done), unit="shard", disable=not progress,
-               desc=f"features {name}")
-    images = 0
-    for future in as_completed(futures):
-        images += future.result().images
-        bar.update()
-        update_progress_artifact(artifact, progress=100.0 * bar.n / plan.n_shards)
-    bar.close()
+        reports = fan_out(
+            lambda k: extract_shard_task.submit(store_url, name, plan.version, plan.key, k,
+                                                embedder, batch_size),
+            todo, total=plan.n_shards, done=len(done),
+            artifact_key=f"features-{artifact_slug(name)}",
+            description=f"feature shards of {name}/{plan.version} ({plan.key})",
+            label=f"features {name}", progress=progress)
+    images = sum(r.images for r in reports)
     summary = store.finalize_derived(store_url, name, plan.version, plan.key)
     return {"name": name, "version": plan.version, "key": plan.key, "embedder": embedder,
             "shape": [plan.dim, plan.height, plan.width], "shards": plan.n_shards,
             "shards_written": len(todo), "shards_skipped": len(done), "images": images,
             "complete": summary["complete"], "seconds": round(time.perf_counter() - t0, 2)}
-
-
-def _slug(name: str) -> str:
-    # Prefect artifact keys allow only lowercase letters, digits and dashes.
-    return "".join(c if c.isalnum() else "-" for c in name.lower())
 
 
 def run_features(*, workers: int = defaults.WORKERS, dask_address: str | None = None,

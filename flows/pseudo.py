@@ -7,15 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
-from tqdm.auto import tqdm
 
+from flows.fanout import artifact_slug, fan_out
 from flows.features import run_features as _run_features
 from flows.runtime import task_runner
 from tasks import defaults
@@ -91,26 +86,20 @@ def pseudo_flow(store_url: str, name: str, features_key: str, version: str | Non
     t = time.perf_counter()
     n_shards = store.open_derived(store_url, name, key, version).n_shards
     done = store.done_shards(store_url, name, version, derived=key)
-    futures = [assign_shard_task.submit(store_url, name, version, key, s)
-               for s in range(n_shards) if s not in done]
-    artifact = create_progress_artifact(
-        progress=100.0 * len(done) / n_shards, key=f"pseudo-{_slug(name)}",
-        description=f"pseudo-mask shards of {name}/{version} ({key})")
-    bar = tqdm(total=n_shards, initial=len(done), unit="shard", disable=not progress,
-               desc=f"pseudo {name}")
-    images = 0
-    for future in as_completed(futures):
-        images += future.result().images
-        bar.update()
-        update_progress_artifact(artifact, progress=100.0 * bar.n / n_shards)
-    bar.close()
+    todo = [s for s in range(n_shards) if s not in done]
+    reports = fan_out(lambda s: assign_shard_task.submit(store_url, name, version, key, s), todo,
+                      total=n_shards, done=len(done),
+                      artifact_key=f"pseudo-{artifact_slug(name)}",
+                      description=f"pseudo-mask shards of {name}/{version} ({key})",
+                      label=f"pseudo {name}", progress=progress)
+    images = sum(r.images for r in reports)
     final = clustering.finalize_pseudo(store_url, name, version, key)
-    if futures:
+    if todo:
         timings["assign_s"] = round(time.perf_counter() - t, 2)
     attrs = store.derived_attrs(store_url, name, version, key)
     summary: dict[str, Any] = {
         "name": name, "version": version, "key": key, "features": features_key, "k": k,
-        "seed": seed, "kmeans": kmeans, "shards": n_shards, "shards_written": len(futures),
+        "seed": seed, "kmeans": kmeans, "shards": n_shards, "shards_written": len(todo),
         "shards_skipped": len(done), "images": images, "complete": final["complete"],
         "background_clusters": attrs.get("background", {}).get("clusters", []),
         "report": None, "report_files": [], "mlflow_run_id": None}
@@ -126,17 +115,12 @@ def pseudo_flow(store_url: str, name: str, features_key: str, version: str | Non
                 summary["mlflow_run_id"] = clustering.log_report(
                     scores, files, experiment, {**cfg.params(features_key), "dataset": name,
                                                 "version": version, "key": key})
-            create_markdown_artifact(key=f"pseudo-{_slug(name)}-report",
+            create_markdown_artifact(key=f"pseudo-{artifact_slug(name)}-report",
                                      markdown=_markdown(summary, scores),
                                      description=f"cluster quality of {key}")
         timings["report_s"] = round(time.perf_counter() - t, 2)
     summary["timings"] = {**timings, "total_s": round(time.perf_counter() - t0, 2)}
     return summary
-
-
-def _slug(name: str) -> str:
-    # Prefect artifact keys allow only lowercase letters, digits and dashes.
-    return "".join(c if c.isalnum() else "-" for c in name.lower())
 
 
 def _markdown(summary: dict[str, Any], scores: dict[str, Any]) -> str:

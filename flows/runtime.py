@@ -19,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tasks.defaults import PREFECT_PORT, WORKERS
 
@@ -184,6 +185,14 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
 
 
+def _local_cluster_kwargs(workers: int) -> dict[str, Any]:
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    # One thread per worker process: decoding and torch work scale by processes here.
+    return {"n_workers": workers, "threads_per_worker": 1, "processes": True,
+            "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
+
+
 def task_runner(workers: int = WORKERS, dask_address: str | None = None):  # -> DaskTaskRunner
     """A Dask task runner: an existing scheduler when an address is given, else a LocalCluster.
 
@@ -194,11 +203,23 @@ def task_runner(workers: int = WORKERS, dask_address: str | None = None):  # -> 
     address = dask_address or os.environ.get(DASK_ADDRESS_ENV)
     if address:
         return DaskTaskRunner(address=address)
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        # One thread per worker process: decoding and torch work scale by processes here.
-        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                        "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"},
-    )
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                          cluster_kwargs=_local_cluster_kwargs(workers))
+
+
+@contextlib.contextmanager
+def dask_client(workers: int = WORKERS, dask_address: str | None = None):  # -> Iterator[Client]
+    """A Dask client of an existing scheduler (the address, or `FSS_DASK_ADDRESS`), else of a
+    LocalCluster of ``workers`` processes that lives as long as the context.
+
+    For flows whose Prefect tasks run in the flow's process and hand the work to Dask as plain
+    functions (flows/ingest.py): the workers then never import Prefect nor run its task engine.
+    """
+    from distributed import Client, LocalCluster
+
+    address = dask_address or os.environ.get(DASK_ADDRESS_ENV)
+    with contextlib.ExitStack() as stack:
+        if not address:
+            cluster = stack.enter_context(LocalCluster(**_local_cluster_kwargs(workers)))
+            address = cluster.scheduler_address
+        yield stack.enter_context(Client(address, set_as_default=False))

@@ -63,10 +63,23 @@ def test_cli_reports_counts_and_wrong_root(
     url = str(tmp_path / "store.zarr")
     code = main(["ingest", "--source", "voc", "--root", str(synth_root / "voc"),
                  "--split", "val", "--store", url, "--name", "v", "--size", "48",
-                 "--workers", "1"])
+                 "--shard-size", "4", "--workers", "1"])
     out = capsys.readouterr().out
     assert code == 0
     assert "ingested 16 + quarantined 0 = 16 of 16 listed" in out
+    # 4 shards on 1 worker thread: two Prefect tasks (TASKS_PER_SLOT), each a run of shards.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api_url}), \
+            get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["ingest v"])))
+            if r.parameters.get("store_url") == url]
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id={"any_": [r.id for r in runs]}))
+    assert sorted(t.name for t in tasks) == ["ingest v shards 0-1", "ingest v shards 2-3"]
     code = main(["ingest", "--source", "voc", "--root", str(tmp_path / "missing"),
                  "--store", url, "--name", "v"])
     assert code == 2

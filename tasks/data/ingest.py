@@ -1,7 +1,7 @@
 """Ingest: list a source dataset, plan its store layout, and process one shard at a time.
 
-Plain functions; `flows/ingest.py` fans `ingest_shard` out over Dask with one Prefect task per
-shard.
+Plain functions; `flows/ingest.py` fans `ingest_shards` out over Dask, a few contiguous shards
+per Prefect task.
 """
 
 from __future__ import annotations
@@ -229,6 +229,15 @@ def ingest_shard(store_url: str, name: str, version: str, shard: int, items: Seq
         else:
             report.quarantined.append({"path": item.image_path, "reason": result.reason})
     return report
+
+
+def ingest_shards(store_url: str, name: str, version: str, shards: Sequence[int],
+                  items: Sequence[Sequence[Item]], readers: dict[str, Reader], size: int,
+                  resize: str = "square") -> list[ShardReport]:
+    """`ingest_shard` for several shards one after another (``items[i]`` are the items of
+    ``shards[i]``): what one task of the ingest flow runs on a Dask worker."""
+    return [ingest_shard(store_url, name, version, shard, shard_items, readers, size, resize)
+            for shard, shard_items in zip(shards, items, strict=True)]
 
 
 def default_splits(source: str, root: str) -> list[str]:

@@ -1,0 +1,34 @@
+"""The shard fan-out helpers: how shards are grouped into tasks, and what the tasks are called."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.fanout import artifact_slug, group_units, shard_label
+
+
+@pytest.mark.parametrize("n_units,n_groups", [(16, 4), (79, 4), (7, 4), (3, 8), (1, 1), (10, 3)])
+def test_groups_are_contiguous_ordered_and_even(n_units: int, n_groups: int) -> None:
+    units = [2 * k + 1 for k in range(n_units)]  # not 0..n-1: groups hold units, not indices
+    groups = group_units(units, n_groups)
+    assert [u for g in groups for u in g] == units
+    assert len(groups) == min(n_units, n_groups)
+    sizes = [len(g) for g in groups]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+def test_no_units_no_groups() -> None:
+    assert group_units([], 4) == []
+
+
+def test_task_names_say_which_shards() -> None:
+    assert shard_label([5]) == "shard 5"
+    assert shard_label([3, 4, 5, 6]) == "shards 3-6"
+    assert shard_label([3, 5, 8]) == "shards 3, 5, 8"  # a resumed run skips the done shards
+
+
+def test_artifact_keys_stay_what_they_were() -> None:
+    # Every character other than a letter or digit becomes one dash (progress artifacts made
+    # before the shared helper keep their keys, and so their history).
+    assert artifact_slug("Synth_v2.big") == "synth-v2-big"
+    assert artifact_slug("a..b") == "a--b"
