@@ -39,6 +39,8 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from tasks import defaults
+
 ModelName = Literal["metasegnet", "panet", "umt"]
 Optimizer = Literal["adamw", "sgd"]
 MODELS: tuple[str, ...] = get_args(ModelName)
@@ -105,7 +107,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
     model: ModelName = Field("metasegnet", description="The few-shot model.")
-    store: Name = Field("data/store.zarr", description="The Zarr store: a path or fsspec URL.")
+    store: Name = Field(defaults.STORE, description="The Zarr store: a path or fsspec URL.")
     dataset: Name = Field("synth", description="The dataset's name in the store.")
     fold: Annotated[StrictInt, Field(ge=0)] = Field(
         0, description="The fold whose classes are tested (0..n_folds-1); the others are the "
