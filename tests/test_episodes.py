@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from models.conventions import IMAGENET_MEAN, IMAGENET_STD
 from tasks.data import ingest, store
 from tasks.data.folds import base_classes, fold_classes
 from tasks.data.readers import make_reader
 from tasks.data.synth import synthesize
 from tasks.fewshot.episodes import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Episode,
     EpisodeSampler,
     batch_to_tensors,

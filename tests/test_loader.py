@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from models.conventions import IMAGENET_MEAN, IMAGENET_STD
 from tasks.data.folds import base_classes
 from tasks.data.store import open_dataset
 from tasks.fewshot.config import ConfigError, TrainConfig, config_digest, from_dict
 from tasks.fewshot.episodes import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     EpisodeSampler,
     batch_to_tensors,
     episodes_for_step,

@@ -187,7 +187,7 @@ def pad_pair(image: np.ndarray, mask: np.ndarray,
     the top-left corner of the ``size`` square, the rest image 0 and mask 255; with the box."""
     top, left, h, w = box = content_box(*mask.shape, size)
     img = np.zeros((size, size, 3), np.uint8)
-    lbl = np.full((size, size), store.IGNORE, np.uint8)
+    lbl = np.full((size, size), store.IGNORE_INDEX, np.uint8)
     img[top:top + h, left:left + w] = np.asarray(
         Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
     lbl[top:top + h, left:left + w] = np.asarray(

@@ -32,11 +32,8 @@ from itertools import count
 import numpy as np
 import torch
 
+from models.conventions import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from tasks.data.store import Dataset
-
-IGNORE = 255
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -99,7 +96,7 @@ def hold_out(labelled: Sequence[str], fraction: float) -> tuple[list[str], list[
 def _label_map(labels: dict[int, int]) -> np.ndarray:
     """Lookup table absolute id -> episode label: the given ids, 255 -> 255, all else 0."""
     lut = np.zeros(256, np.uint8)
-    lut[IGNORE] = IGNORE
+    lut[IGNORE_INDEX] = IGNORE_INDEX
     for c, label in labels.items():
         lut[c] = label
     return lut

@@ -449,7 +449,7 @@ def contingency(store_url: str, name: str, version: str, key: str) -> dict[str, 
         for split in np.unique(splits[ok]):
             use = ok & (splits == split)
             t, p = truth[use], pred[use]
-            valid = (t != store.IGNORE) & (p != UNASSIGNED) & (t < n_classes)
+            valid = (t != store.IGNORE_INDEX) & (p != UNASSIGNED) & (t < n_classes)
             flat = p[valid].astype(np.int64) * n_classes + t[valid]
             counts = np.bincount(flat, minlength=k * n_classes).reshape(k, n_classes)
             tables[str(split)] = tables.get(str(split), 0) + counts

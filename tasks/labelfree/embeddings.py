@@ -22,16 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.backbones import build_backbone, load_checkpoint
+from models.conventions import IMAGENET_MEAN, IMAGENET_STD
 from tasks import defaults
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 → (B, 3, H, W) float32, ImageNet-normalised."""
     x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    return (x - IMAGENET_MEAN) / IMAGENET_STD
+    return (x - _MEAN) / _STD
 
 
 class Embedder:
