@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     # imports dask or prefect, and inherited by the Dask workers.
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    # The library's logs (`tasks.*`) are run logs too; outside a run they stay local.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     args = build_parser().parse_args(argv)
     # Imported after parsing: `--help` and usage errors need none of these.
     import logging

@@ -23,8 +23,8 @@ worker draws it and in whatever order, so evaluation splits across workers repro
 from __future__ import annotations
 
 import functools
+import logging
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import count
@@ -34,6 +34,8 @@ import torch
 
 from models.conventions import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from tasks.data.store import Dataset
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,12 +110,14 @@ class EpisodeSampler:
     ``classes`` are the classes episodes may draw as foreground (a fold's base classes for
     training, its novel classes for testing); ``image_ids`` restricts the pool (a label budget).
     Classes with fewer than ``shots + 1`` eligible images cannot form an episode and are dropped
-    with a warning (see ``dropped_classes``); fewer than ``ways`` usable classes is an error.
+    with a logged warning (``drop_level``; see ``dropped_classes``); fewer than ``ways`` usable
+    classes is an error.
     """
 
     def __init__(self, dataset: Dataset, *, split: str, classes: Sequence[int], ways: int = 1,
                  shots: int = 1, min_pixels: int = 2 * 32 * 32,
-                 image_ids: Sequence[str] | None = None, seed: int = 0):
+                 image_ids: Sequence[str] | None = None, seed: int = 0,
+                 drop_level: int = logging.WARNING):
         if ways < 1 or shots < 1:
             raise ValueError(f"ways and shots must be at least 1, got ways={ways} shots={shots}")
         if min_pixels < 1:
@@ -151,9 +155,9 @@ class EpisodeSampler:
         self.dropped_classes: list[int] = [c for c in wanted if c not in self.classes]
         if self.dropped_classes:
             counts = {c: len(self.eligible[c]) for c in self.dropped_classes}
-            warnings.warn(f"{dataset.name}/{split}: dropping classes with fewer than "
-                          f"{self.shots + 1} images of >= {self.min_pixels} px "
-                          f"(class: eligible images) {counts}", stacklevel=2)
+            log.log(drop_level, "%s/%s: dropping classes with fewer than %d images of >= %d px "
+                    "(class: eligible images) %s", dataset.name, split, self.shots + 1,
+                    self.min_pixels, counts)
         if len(self.classes) < self.ways:
             raise ValueError(
                 f"{self.ways}-way {self.shots}-shot episodes need {self.ways} classes with at "

@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +43,8 @@ from tasks.fewshot.metrics import SegmentationMeter, upsample_logits_to
 from tasks.labelfree.embeddings import to_input
 from tasks.labelfree.pseudo_tasks import PseudoEpisodeSampler
 from tasks.loop import TrainingLoop, load_state, save_checkpoint
+
+log = logging.getLogger(__name__)
 
 MetricsHook = Callable[[dict[str, float], int], None]
 
@@ -264,9 +266,9 @@ def labelled_data(cfg: TrainConfig, ds: Dataset) -> LabelledData:
     val, selection = None, "last checkpoint: no labelled image held out (budget too small)"
     if held_out:
         try:
-            with warnings.catch_warnings():  # a handful of images leaves most classes out
-                warnings.simplefilter("ignore")
-                val = EpisodeSampler(ds, image_ids=held_out, seed=cfg.seed + 10_000, **common)
+            # A handful of held-out images leaves most classes out: that is expected, not news.
+            val = EpisodeSampler(ds, image_ids=held_out, seed=cfg.seed + 10_000,
+                                 drop_level=logging.DEBUG, **common)
             selection = f"best val/miou on {len(held_out)} held-out labelled images"
         except ValueError:
             selection = (f"last checkpoint: the {len(held_out)} held-out labelled images form "
@@ -473,6 +475,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
                             pseudo_val=pseudo_val, progress=progress)
     accounting = {"labels": {"images": labelled.images, "pixels": labelled.pixels},
                   "selection": labelled.selection}
+    log.info("%s at budget %g: %d labelled images (%d labelled pixels), checkpoint selection: "
+             "%s", cfg.model, cfg.budget, labelled.images, labelled.pixels, labelled.selection)
     if not two_phase(cfg):
         samplers = {"labelled": labelled.train, "pseudo": pseudo}
         phase = Phase(cfg.steps, lambda s: samplers[episode_stream(cfg, s)], labelled.val)
@@ -482,7 +486,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
 
     phase_dir = pseudo_phase_dir(cfg, ds)
     phase_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(phase_dir / ".lock"):
+    with FileLock(phase_dir / ".lock"):  # a point training it now: wait, then reuse it
+        log.info("pseudo phase (%d steps) in %s", cfg.pseudo_steps, phase_dir)
         first = run(Phase(cfg.pseudo_steps, lambda s: pseudo, None), phase_dir,
                     emit=lambda metrics, s: None, stop_after=stop_after)
     last_path = run_dir / "checkpoints" / "last.pt"
