@@ -18,9 +18,9 @@ import torch
 
 from tasks.data.store import open_dataset
 from tasks.fewshot.config import TrainConfig
+from tasks.fewshot.episodes import episodes_for_step
 from tasks.fewshot.training import (
     build_model,
-    episodes_for_step,
     feature_cache,
     labelled_data,
     make_batch,

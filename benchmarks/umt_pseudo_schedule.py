@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flows.demo import demo_study
+from flows.cli.demo import demo_study
 from tasks.data.folds import fold_classes
 from tasks.data.store import open_dataset
 from tasks.fewshot.config import TrainConfig

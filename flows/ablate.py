@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from flows.runtime import artifact_key, task_runner
 from flows.train import describe, train_point_task
+from tasks import defaults
 from tasks.fewshot.experiment import register_study_models
 from tasks.study import report
 from tasks.study.ablation import StudySpec, study_from_dict
@@ -42,7 +43,7 @@ SUMMARY_TABLE = "summary/summary_table.json"
 
 @flow(name="ablation", flow_run_name="ablation {study.study}")
 def ablation_flow(study: StudySpec, overrides: list[str] | None = None,
-                  out_dir: str = "reports", progress: bool = True) -> dict[str, Any]:
+                  out_dir: str = defaults.REPORT_DIR, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a study; returns its summary table and what was trained or skipped.
 
     `study` is typed (Prefect validates it and shows its schema); its points are validated
@@ -134,9 +135,9 @@ def _records(table: Any) -> list[dict[str, Any]]:
     return rounded.where(rounded.notna(), None).to_dict(orient="records")
 
 
-def run_ablation(study: StudySpec | dict[str, Any], *, workers: int = 1,
-                 dask_address: str | None = None, overrides: list[str] | None = None,
-                 **kw: Any) -> dict[str, Any]:
+def run_ablation(study: StudySpec | dict[str, Any], *,
+                 workers: int = defaults.ABLATION_WORKERS, dask_address: str | None = None,
+                 overrides: list[str] | None = None, **kw: Any) -> dict[str, Any]:
     """Validate the study and every point (a ConfigError before any cluster or run starts),
     then run the ablation flow on a Dask task runner."""
     spec = study_from_dict(study, overrides).spec

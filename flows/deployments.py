@@ -1,4 +1,4 @@
-"""Prefect deployments: the flows `prefect.yaml` points at, and `fss deploy` that applies it.
+"""Prefect deployments: the flows `prefect.yaml` points at, and what `fss deploy` applies it with.
 
 Deployment parameters must be JSON, and flows that fan out need a Dask task runner chosen where
 they run, so each data stage and study gets a thin wrapper flow here: it takes JSON parameters
@@ -16,25 +16,19 @@ start workers:
 
 from __future__ import annotations
 
-import argparse
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+from tasks import defaults
+from tasks.defaults import PREFECT_FILE, PROJECT_DIR
+
 PROJECT_DIR_ENV = "FSS_PROJECT_DIR"
-PREFECT_FILE = PROJECT_DIR / "prefect.yaml"
-# Both pools run each flow run as a subprocess on the worker's host; GPU hosts serve fss-gpu.
-POOLS: dict[str, str] = {
-    "fss-cpu": "data stages (ingest, features, pseudo masks) on CPU hosts",
-    "fss-gpu": "training, pretraining and ablations on GPU hosts (one worker per GPU)",
-}
+POOLS = defaults.WORK_POOLS
 
 
 # --- wrapper flows (entrypoints of prefect.yaml) -------------------------------------------
@@ -61,12 +55,13 @@ def _study_run_name() -> str:
 
 
 @flow(name="fss-ingest", flow_run_name="ingest {name}")
-def ingest_deployment(source: str = "voc", root: str = "data/synth/voc",
-                      store_url: str = "data/store.zarr", name: str = "synth",
-                      splits: list[str] | None = None, size: int = 144, shard_size: int = 64,
-                      classes_file: str | None = None, list_file: str | None = None,
-                      workers: int = 2, dask_address: str | None = None,
-                      resize: str = "square") -> dict[str, Any]:
+def ingest_deployment(source: str = "voc", root: str = f"{defaults.SYNTH_OUT}/voc",
+                      store_url: str = defaults.STORE, name: str = "synth",
+                      splits: list[str] | None = None, size: int = defaults.INGEST_SIZE,
+                      shard_size: int = defaults.SHARD_SIZE, classes_file: str | None = None,
+                      list_file: str | None = None, workers: int = defaults.WORKERS,
+                      dask_address: str | None = None,
+                      resize: str = defaults.RESIZE) -> dict[str, Any]:
     """Ingest a VOC- or COCO-format dataset into the store (one Dask task per shard)."""
     from flows.ingest import run_ingest
 
@@ -78,31 +73,33 @@ def ingest_deployment(source: str = "voc", root: str = "data/synth/voc",
 
 
 @flow(name="fss-features", flow_run_name="features {name}")
-def features_deployment(store_url: str = "data/store.zarr", name: str = "synth",
+def features_deployment(store_url: str = defaults.STORE, name: str = "synth",
                         embedder: dict[str, Any] | None = None, version: str | None = None,
-                        batch_size: int = 16, gpu: bool = False, workers: int = 2,
+                        batch_size: int = defaults.FEATURES_BATCH, gpu: bool = False,
+                        workers: int = defaults.WORKERS,
                         dask_address: str | None = None) -> dict[str, Any]:
     """Embed every image of a dataset with a frozen embedder (default: random small ResNet)."""
     from flows.features import run_features
 
-    embedder = embedder or {"kind": "backbone", "backbone": "small_resnet", "layer": "layer4"}
+    embedder = embedder or defaults.default_embedder()
     return run_features(workers=workers, dask_address=dask_address, gpu=gpu,
                         store_url=store_url, name=name, embedder=embedder, version=version,
                         batch_size=batch_size, progress=False)
 
 
 @flow(name="fss-pseudo", flow_run_name="pseudo masks {name}")
-def pseudo_deployment(store_url: str = "data/store.zarr", name: str = "synth",
+def pseudo_deployment(store_url: str = defaults.STORE, name: str = "synth",
                       features_key: str | None = None, embedder: dict[str, Any] | None = None,
-                      version: str | None = None, k: int = 30, seed: int = 0,
-                      report: bool = True, report_dir: str = "reports",
-                      experiment: str | None = None, gpu: bool = False, workers: int = 2,
+                      version: str | None = None, k: int = defaults.PSEUDO_K,
+                      seed: int = defaults.SEED, report: bool = True,
+                      report_dir: str = defaults.REPORT_DIR, experiment: str | None = None,
+                      gpu: bool = False, workers: int = defaults.WORKERS,
                       dask_address: str | None = None) -> dict[str, Any]:
     """Pseudo masks by k-means of pixel features; runs the features first given an embedder."""
     from flows.pseudo import run_pseudo
 
     if features_key is None and embedder is None:
-        embedder = {"kind": "backbone", "backbone": "small_resnet", "layer": "layer4"}
+        embedder = defaults.default_embedder()
     return run_pseudo(workers=workers, dask_address=dask_address, embedder=embedder,
                       features_key=features_key, gpu=gpu, store_url=store_url, name=name,
                       version=version, k=k, seed=seed, report=report, report_dir=report_dir,
@@ -110,9 +107,11 @@ def pseudo_deployment(store_url: str = "data/store.zarr", name: str = "synth",
 
 
 @flow(name="fss-pretrain", flow_run_name="pretrain {dataset}")
-def pretrain_deployment(store_url: str = "data/store.zarr", dataset: str = "synth",
-                        out_dir: str = "runs/pretrain/synth", steps: int = 300,
-                        batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
+def pretrain_deployment(store_url: str = defaults.STORE, dataset: str = "synth",
+                        out_dir: str = "runs/pretrain/synth",
+                        steps: int = defaults.PRETRAIN_STEPS,
+                        batch_size: int = defaults.PRETRAIN_BATCH,
+                        lr: float = defaults.PRETRAIN_LR, seed: int = defaults.SEED,
                         image_size: int | None = None) -> dict[str, Any]:
     """Self-supervised dense pretraining of the backbone on a dataset's unlabelled images."""
     from flows.pretrain import pretrain_flow
@@ -134,8 +133,9 @@ def train_deployment(config_path: str = "configs/synthetic.yaml",
 
 @flow(name="fss-ablation", flow_run_name=_study_run_name)
 def ablation_deployment(config_path: str = "configs/ablation-synthetic.yaml",
-                        overrides: list[str] | None = None, out_dir: str = "reports",
-                        workers: int = 1, dask_address: str | None = None) -> dict[str, Any]:
+                        overrides: list[str] | None = None, out_dir: str = defaults.REPORT_DIR,
+                        workers: int = defaults.ABLATION_WORKERS,
+                        dask_address: str | None = None) -> dict[str, Any]:
     """Run (or resume) the label-budget study of a YAML file; finished points are read back."""
     from flows.ablate import run_ablation
     from tasks.study.ablation import load_study
@@ -238,62 +238,3 @@ def deployment_names(api_url: str) -> dict[str, dict[str, Any]]:
                     "limit": limit.limit, "active": limit.active,
                     "collision_strategy": getattr(strategy, "value", strategy)}}
     return out
-
-
-# --- fss deploy ------------------------------------------------------------------------------
-
-def cmd_deploy(args: argparse.Namespace) -> int:
-    """Pools + deployments, then optionally serve pools with workers until Ctrl-C."""
-    from flows import runtime
-
-    # A temporary server would take the deployments with it: use the configured API or the
-    # persistent `fss server` (started here when none runs).
-    url = os.environ.get("PREFECT_API_URL") or runtime.start_persistent_server()
-    print(f"Prefect API {url}")
-    created = ensure_pools(url)
-    print("work pools: " + ", ".join(f"{p} ({'created' if p in created else 'exists'})"
-                                     for p in POOLS))
-    t0 = time.perf_counter()
-    deploy_all(url, Path(args.prefect_file).resolve())
-    deployments = deployment_names(url)
-    print(f"{len(deployments)} deployments ({time.perf_counter() - t0:.0f} s):")
-    for name, d in sorted(deployments.items()):
-        when = ", ".join(f"cron '{s['cron']}' {s['timezone']}" for s in d["schedules"]) or "-"
-        limit = d["concurrency"]
-        at_once = (f"; at most {limit['limit']} at once ({limit['collision_strategy']})"
-                   if limit else "")
-        print(f"  {name:<36} pool {d['work_pool']:<8} schedule {when}{at_once}")
-    if not args.worker:
-        print("start workers: fss deploy --worker fss-cpu (on GPU hosts: --worker fss-gpu), or "
-              f"`prefect worker start --pool POOL` with {PROJECT_DIR_ENV}={PROJECT_DIR} exported")
-        return 0
-    # Workers run in their own process groups: a `kill` of this process must stop them too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    procs: list[subprocess.Popen] = []
-    try:
-        for pool in args.worker:
-            procs.append(start_worker(pool, url, limit=args.limit,
-                                      log=runtime.state_dir() / f"worker-{pool}.log"))
-        print(f"workers for {', '.join(args.worker)} running (logs in {runtime.state_dir()});"
-              " Ctrl-C stops them")
-        while all(p.poll() is None for p in procs):
-            time.sleep(1.0)
-        print("a worker exited; see its log", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for p in procs:
-            runtime.stop_process(p)
-
-
-def add_deploy_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """`fss deploy`: work pools + every deployment of prefect.yaml on the Prefect API."""
-    p = subparsers.add_parser("deploy", help="create work pools and the deployments of "
-                                             "prefect.yaml; optionally start workers")
-    p.add_argument("--prefect-file", default=str(PREFECT_FILE), help="default: %(default)s")
-    p.add_argument("--worker", action="append", choices=sorted(POOLS), default=[],
-                   help="start a worker for this pool and keep it running (repeatable)")
-    p.add_argument("--limit", type=int, help="maximum concurrent flow runs per worker")
-    p.set_defaults(func=cmd_deploy)
-    return p

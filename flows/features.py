@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import dask
@@ -15,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.fanout import artifact_slug, fan_out
 from flows.runtime import task_runner
+from tasks import defaults
 from tasks.data import store
 from tasks.labelfree import features
 
@@ -56,8 +54,8 @@ def features_flow(store_url: str, name: str, embedder: dict[str, Any],
             "complete": summary["complete"], "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def run_features(*, workers: int = 2, dask_address: str | None = None, gpu: bool = False,
-                 **params: Any) -> dict[str, Any]:
+def run_features(*, workers: int = defaults.WORKERS, dask_address: str | None = None,
+                 gpu: bool = False, **params: Any) -> dict[str, Any]:
     """Run the features flow on a LocalCluster of `workers` processes or an existing scheduler.
 
     A LocalCluster started for ``gpu`` gives each worker one ``GPU`` resource (start as many
@@ -67,70 +65,3 @@ def run_features(*, workers: int = 2, dask_address: str | None = None, gpu: bool
     if gpu and runner.cluster_kwargs is not None and not (dask_address or runner.address):
         runner.cluster_kwargs["resources"] = {"GPU": 1}
     return features_flow.with_options(task_runner=runner)(gpu=gpu, **params)
-
-
-def parse_embedder(text: str, backbone: str = "small_resnet",
-                   layer: str = "layer4") -> dict[str, Any]:
-    """An embedder spec from JSON text, a JSON file, or a checkpoint path (with backbone/layer)."""
-    text = text.strip()
-    if text.startswith("{"):
-        return json.loads(text)
-    path = Path(text)
-    if not path.exists():
-        raise FileNotFoundError(f"embedder {text!r} is neither JSON nor an existing file")
-    if path.suffix == ".json":
-        return json.loads(path.read_text())
-    return {"kind": "backbone", "backbone": backbone, "layer": layer,
-            "checkpoint": str(path.resolve())}
-
-
-def add_embedder_arguments(p: argparse.ArgumentParser, group: Any | None = None) -> None:
-    """``--embedder`` (required, or one option of ``group``) and how to read a checkpoint."""
-    (group or p).add_argument("--embedder", required=group is None,
-                              help="spec as JSON, a .json file, or a backbone checkpoint path")
-    p.add_argument("--backbone", default="small_resnet",
-                   help="backbone of a checkpoint path (default: %(default)s)")
-    p.add_argument("--layer", default="layer4", help="layer of a checkpoint path")
-
-
-def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
-    g.add_argument("--dask-address", help="existing Dask scheduler (or env FSS_DASK_ADDRESS)")
-
-
-def add_features_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """`fss features`: embed a dataset's images with a frozen backbone."""
-    p = subparsers.add_parser("features", help="embed a dataset's images (frozen backbone)")
-    p.add_argument("--store", default="data/store.zarr", help="Zarr store path or fsspec URL")
-    p.add_argument("--dataset", required=True, help="dataset name inside the store")
-    p.add_argument("--version", help="dataset version (default: latest)")
-    add_embedder_arguments(p)
-    p.add_argument("--batch-size", type=int, default=features.DEFAULT_BATCH)
-    p.add_argument("--gpu", action="store_true",
-                   help="request one Dask GPU resource per shard task")
-    add_cluster_arguments(p)
-    p.set_defaults(func=cmd_features)
-    return p
-
-
-def cmd_features(args: argparse.Namespace) -> int:
-    from flows.runtime import prefect_api
-
-    spec = parse_embedder(args.embedder, args.backbone, args.layer)
-    with prefect_api():
-        summary = run_features(workers=args.workers, dask_address=args.dask_address,
-                               gpu=args.gpu, store_url=args.store, name=args.dataset,
-                               embedder=spec, version=args.version, batch_size=args.batch_size)
-    print_features_summary(summary)
-    return 0 if summary["complete"] else 1
-
-
-def print_features_summary(s: dict[str, Any]) -> None:
-    d, h, w = s["shape"]
-    print(f"features {s['key']} of {s['name']} ({s['version']}) in {s['seconds']:.1f} s: "
-          f"{s['shards_written']} shards written ({s['images']} images), "
-          f"{s['shards_skipped']} already complete")
-    print(f"  {d} x {h} x {w} float16 per image; embedder {json.dumps(s['embedder'])}")
-    if not s["complete"]:
-        print("  incomplete: rerun to resume")

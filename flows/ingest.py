@@ -21,6 +21,7 @@ from flows.fanout import (
     shard_label,
 )
 from flows.runtime import dask_client
+from tasks import defaults
 from tasks.data import ingest, store
 from tasks.data.readers import Item, Reader, make_reader
 
@@ -57,7 +58,7 @@ def ingest_flow(source: str, root: str, store_url: str, name: str,
                 shard_size: int = ingest.DEFAULT_SHARD_SIZE, classes_file: str | None = None,
                 list_file: str | None = None, progress: bool = True,
                 max_pixels: int = ingest.DEFAULT_MAX_PIXELS,
-                resize: str = "square", workers: int = 2,
+                resize: str = defaults.RESIZE, workers: int = defaults.WORKERS,
                 dask_address: str | None = None) -> dict[str, Any]:
     """Ingest `splits` of a dataset into the store as one dataset version: VOC or COCO format
     under `root`, or (`source="layout"`) the dataset a layout file `root` describes, whose
@@ -111,7 +112,7 @@ def _markdown(summary: dict[str, Any], reports: list[ingest.ShardReport]) -> str
     return "\n".join(lines)
 
 
-def run_ingest(*, workers: int = 2, dask_address: str | None = None,
+def run_ingest(*, workers: int = defaults.WORKERS, dask_address: str | None = None,
                **params: Any) -> dict[str, Any]:
     """Run the ingest flow on a LocalCluster of `workers` processes or an existing scheduler."""
     return ingest_flow(workers=workers, dask_address=dask_address, **params)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
@@ -12,13 +11,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.fanout import artifact_slug, fan_out
-from flows.features import add_cluster_arguments, add_embedder_arguments, parse_embedder
 from flows.features import run_features as _run_features
 from flows.runtime import task_runner
+from tasks import defaults
 from tasks.data import store
 from tasks.labelfree import clustering
-
-DEFAULT_REPORT_DIR = "reports"
 
 
 @task(name="kmeans", cache_policy=NO_CACHE, task_run_name="k-means {name}")
@@ -52,9 +49,11 @@ def report_task(store_url: str, name: str, version: str, key: str) -> dict[str, 
 
 @flow(name="pseudo", flow_run_name="pseudo masks {name} k={k}")
 def pseudo_flow(store_url: str, name: str, features_key: str, version: str | None = None,
-                k: int = 30, seed: int = 0, sample_size: int = 100_000, iters: int = 50,
-                fit_splits: list[str] | None = None, superpixels: dict[str, Any] | None = None,
-                report: bool = True, report_dir: str = DEFAULT_REPORT_DIR,
+                k: int = defaults.PSEUDO_K, seed: int = defaults.SEED,
+                sample_size: int = defaults.PSEUDO_SAMPLE_SIZE,
+                iters: int = defaults.PSEUDO_ITERS, fit_splits: list[str] | None = None,
+                superpixels: dict[str, Any] | None = None, report: bool = True,
+                report_dir: str = defaults.REPORT_DIR,
                 experiment: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Cluster the pixels of a features array into pseudo masks (a ``pseudo-<hash>`` group).
 
@@ -70,7 +69,7 @@ def pseudo_flow(store_url: str, name: str, features_key: str, version: str | Non
                                "rerun `fss features` first")
     sp = {f"sp_{k_}": v for k_, v in (superpixels or {}).items()}
     cfg = clustering.PseudoConfig(k=k, seed=seed, sample_size=sample_size, iters=iters,
-                                  fit_splits=tuple(fit_splits or ["train"]), **sp)
+                                  fit_splits=tuple(fit_splits or defaults.PSEUDO_FIT_SPLITS), **sp)
     key = clustering.pseudo_key(features_key, cfg)
     timings: dict[str, float] = {}
     if key in store.list_derived(store_url, name, version, kind=clustering.KIND):
@@ -134,7 +133,7 @@ def _markdown(summary: dict[str, Any], scores: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_pseudo(*, workers: int = 2, dask_address: str | None = None,
+def run_pseudo(*, workers: int = defaults.WORKERS, dask_address: str | None = None,
                embedder: dict[str, Any] | None = None, features_key: str | None = None,
                gpu: bool = False, **params: Any) -> dict[str, Any]:
     """Run the pseudo flow (after the features flow when an embedder is given instead of a key).
@@ -156,72 +155,3 @@ def run_pseudo(*, workers: int = 2, dask_address: str | None = None,
     runner = task_runner(workers=workers, dask_address=dask_address)
     return {**pseudo_flow.with_options(task_runner=runner)(features_key=features_key, **params),
             **summary}
-
-
-def add_pseudo_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """`fss pseudo`: pseudo masks by k-means of pixel features, refined in superpixels."""
-    p = subparsers.add_parser("pseudo", help="pseudo masks: k-means of pixel features")
-    p.add_argument("--store", default="data/store.zarr", help="Zarr store path or fsspec URL")
-    p.add_argument("--dataset", required=True, help="dataset name inside the store")
-    p.add_argument("--version", help="dataset version (default: latest)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--features", help="key of a features array (fss features prints it)")
-    add_embedder_arguments(p, group=src)
-    p.add_argument("--gpu", action="store_true", help="features tasks request a Dask GPU")
-    p.add_argument("--k", type=int, default=30, help="clusters (30 PASCAL, 50 COCO)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sample-size", type=int, default=100_000,
-                   help="feature pixels sampled for k-means (default: %(default)s)")
-    p.add_argument("--iters", type=int, default=50, help="maximum Lloyd iterations")
-    p.add_argument("--fit-splits", default="train", help="splits whose pixels are clustered")
-    p.add_argument("--sp-scale", type=float, default=100.0, help="Felzenszwalb scale")
-    p.add_argument("--sp-sigma", type=float, default=0.8, help="Felzenszwalb sigma")
-    p.add_argument("--sp-min-size", type=int, default=50, help="Felzenszwalb min_size")
-    p.add_argument("--no-report", action="store_true", help="skip the cluster quality report")
-    p.add_argument("--report-dir", default=DEFAULT_REPORT_DIR)
-    p.add_argument("--experiment", help="also log the report to this MLflow experiment")
-    add_cluster_arguments(p)
-    p.set_defaults(func=cmd_pseudo)
-    return p
-
-
-def cmd_pseudo(args: argparse.Namespace) -> int:
-    from flows.runtime import prefect_api
-
-    embedder = parse_embedder(args.embedder, args.backbone, args.layer) if args.embedder else None
-    with prefect_api():
-        summary = run_pseudo(
-            workers=args.workers, dask_address=args.dask_address, embedder=embedder,
-            features_key=args.features, gpu=args.gpu, store_url=args.store, name=args.dataset,
-            version=args.version, k=args.k, seed=args.seed, sample_size=args.sample_size,
-            iters=args.iters, fit_splits=[s for s in args.fit_splits.split(",") if s],
-            superpixels={"scale": args.sp_scale, "sigma": args.sp_sigma,
-                         "min_size": args.sp_min_size},
-            report=not args.no_report, report_dir=args.report_dir, experiment=args.experiment)
-    if "features_run" in summary:
-        from flows.features import print_features_summary
-
-        print_features_summary(summary["features_run"])
-    print_pseudo_summary(summary)
-    return 0 if summary["complete"] else 1
-
-
-def print_pseudo_summary(s: dict[str, Any]) -> None:
-    km = s["kmeans"]
-    how = ("k-means already done" if km["skipped"] else
-           f"k-means {km['iterations']} iterations"
-           f" ({'converged' if km['converged'] else 'not converged'})")
-    print(f"pseudo masks {s['key']} of {s['name']} ({s['version']}) from {s['features']}, "
-          f"K={s['k']}, seed {s['seed']}: {how}; {s['shards_written']} shards assigned, "
-          f"{s['shards_skipped']} already complete")
-    print("  seconds: " + ", ".join(f"{k[:-2]} {v:.1f}" for k, v in s["timings"].items()))
-    print(f"  background-like clusters: {s['background_clusters'] or 'none'}")
-    if s["report"]:
-        r = s["report"]
-        print(f"  cluster quality (all images): purity {r['purity']:.3f}  NMI {r['nmi']:.3f}  "
-              f"Hungarian mIoU {r['miou']:.3f} (foreground {r['miou_fg']:.3f})")
-        print(f"  report: {', '.join(s['report_files'])}")
-    if s["mlflow_run_id"]:
-        print(f"  MLflow run {s['mlflow_run_id']}")
-    if not s["complete"]:
-        print("  incomplete: rerun to resume")

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tasks.defaults import PREFECT_PORT, WORKERS
+
 STATE_DIR_ENV = "FSS_HOME"
 DASK_ADDRESS_ENV = "FSS_DASK_ADDRESS"
 
@@ -117,7 +119,7 @@ def recorded_server() -> str | None:
     return url if api_healthy(url) else None
 
 
-def start_persistent_server(*, host: str = "127.0.0.1", port: int = 4200) -> str:
+def start_persistent_server(*, host: str = "127.0.0.1", port: int = PREFECT_PORT) -> str:
     """`fss server start`: a server that outlives this process, recorded in the state dir."""
     url = recorded_server()
     if url:
@@ -191,7 +193,7 @@ def _local_cluster_kwargs(workers: int) -> dict[str, Any]:
             "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
 
 
-def task_runner(workers: int = 2, dask_address: str | None = None):  # -> DaskTaskRunner
+def task_runner(workers: int = WORKERS, dask_address: str | None = None):  # -> DaskTaskRunner
     """A Dask task runner: an existing scheduler when an address is given, else a LocalCluster.
 
     The address may also come from `FSS_DASK_ADDRESS`, so scaled-out runs need no code change.
@@ -206,7 +208,7 @@ def task_runner(workers: int = 2, dask_address: str | None = None):  # -> DaskTa
 
 
 @contextlib.contextmanager
-def dask_client(workers: int = 2, dask_address: str | None = None):  # -> Iterator[Client]
+def dask_client(workers: int = WORKERS, dask_address: str | None = None):  # -> Iterator[Client]
     """A Dask client of an existing scheduler (the address, or `FSS_DASK_ADDRESS`), else of a
     LocalCluster of ``workers`` processes that lives as long as the context.
 

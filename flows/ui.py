@@ -8,18 +8,14 @@ through the UI agree.
 
 from __future__ import annotations
 
-import argparse
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from flows.runtime import api_healthy, free_port, state_dir, stop_process
-
-DEFAULT_PORT = 5000
+from tasks.defaults import MLFLOW_UI_PORT
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -31,7 +27,7 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def start_mlflow_ui(uri: str | None = None, port: int | None = DEFAULT_PORT, *,
+def start_mlflow_ui(uri: str | None = None, port: int | None = MLFLOW_UI_PORT, *,
                     host: str = "127.0.0.1", artifacts: str | Path | None = None,
                     wait_s: float = 120.0, log: Path | None = None,
                     ) -> tuple[subprocess.Popen, str]:
@@ -84,37 +80,3 @@ def experiment_pages(uri: str, ui_url: str) -> dict[str, str]:
 
     return {e.name: runs_url(ui_url, e.experiment_id)
             for e in MlflowClient(uri).search_experiments() if e.name != "Default"}
-
-
-def cmd_ui(args: argparse.Namespace) -> int:
-    """Serve the MLflow UI until Ctrl-C."""
-    from tasks.study.tracking import tracking_uri
-
-    uri = args.backend_store_uri or tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        print(f"MLFLOW_TRACKING_URI points at a tracking server: its UI is {uri}")
-        return 0
-    # The server runs in its own process group, so a `kill` of this process must stop it too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    proc, url = start_mlflow_ui(uri, args.port)
-    print(f"MLflow UI at {url}  (tracking {uri}); Ctrl-C stops it")
-    for name, page in experiment_pages(uri, url).items():
-        print(f"  runs of {name}: {page}")
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        stop_process(proc)
-
-
-def add_ui_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """`fss ui`: the MLflow UI for the tracking store on 127.0.0.1."""
-    p = subparsers.add_parser("ui", help="serve the MLflow UI for the tracking store "
-                                         "(127.0.0.1) until Ctrl-C")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help="default: %(default)s; 0 picks a free port")
-    p.add_argument("--backend-store-uri",
-                   help="default: MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
-    p.set_defaults(func=cmd_ui)
-    return p

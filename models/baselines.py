@@ -12,10 +12,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from models.conventions import IMAGENET_MEAN, IMAGENET_STD
 from models.losses import pixel_cross_entropy
 
-_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 class _Baseline(nn.Module):

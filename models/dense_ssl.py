@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones import Backbone, build_backbone
+from models.conventions import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # RGB -> YIQ; a hue shift is a rotation of the (I, Q) chroma plane (cheaper than HSV, and smooth).
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _GREY = torch.tensor([0.299, 0.587, 0.114])

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = 255  # label of pixels that count nowhere (object boundaries, crowds, padding)
+from models.conventions import IGNORE_INDEX  # noqa: F401 - the label every loss here ignores
 
 
 def pixel_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ weights as one that did not.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -22,6 +23,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tasks.jsonsafe import write_atomic
+
+log = logging.getLogger(__name__)
 
 WARMUP_FRACTION = 0.05  # of a schedule's steps spent warming up linearly (at least one)
 
@@ -112,6 +115,7 @@ class TrainingLoop:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         self.step = state["step"]
+        log.info("resumed from %s at step %d of %d", self.checkpoint, self.step, self.steps)
         return state
 
     def lr(self) -> float:

@@ -54,7 +54,7 @@ def study_files() -> list[str]:
 
 def digests() -> list[dict[str, Any]]:
     """Each case's recipe and digest, computed by the code on the path."""
-    from flows.demo import demo_study
+    from flows.cli.demo import demo_study
     from tasks.fewshot.config import TrainConfig, config_digest, load_config
     from tasks.fewshot.training import pseudo_phase_config
     from tasks.study.ablation import study_from_dict

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from models.baselines import AllForeground, ColourHistogram
-from tasks.fewshot.episodes import IMAGENET_MEAN, IMAGENET_STD
+from models.conventions import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _normalise(rgb: torch.Tensor) -> torch.Tensor:

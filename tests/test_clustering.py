@@ -237,8 +237,8 @@ def test_features_and_pseudo_flows_on_local_cluster(
     from distributed.diagnostics.plugin import SchedulerPlugin
     from mlflow.tracking import MlflowClient
 
-    from flows.features import add_features_parser
-    from flows.pseudo import add_pseudo_parser, run_pseudo
+    from flows.cli.labelfree import add_features_parser, add_pseudo_parser
+    from flows.pseudo import run_pseudo
     from flows.runtime import prefect_api
 
     class Restrictions(SchedulerPlugin):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flows.demo import demo_study
+from flows.cli.demo import demo_study
 from tasks.fewshot.training import total_steps
 from tasks.study.ablation import study_from_dict
 

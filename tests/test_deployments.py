@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import yaml
 
+from flows.cli.services import add_deploy_parser
 from flows.deployments import (
     POOLS,
     PREFECT_FILE,
     PROJECT_DIR,
-    add_deploy_parser,
     deploy_all,
     deployment_names,
     ensure_pools,

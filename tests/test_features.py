@@ -177,7 +177,7 @@ def test_key_follows_checkpoint_content_not_path(tmp_path: Path) -> None:
 
 
 def test_parse_embedder(tmp_path: Path) -> None:
-    from flows.features import parse_embedder
+    from flows.cli.labelfree import parse_embedder
 
     assert parse_embedder(json.dumps(SPEC)) == SPEC
     (tmp_path / "e.json").write_text(json.dumps(SPEC))

@@ -11,6 +11,7 @@ import pytest
 import zarr
 from PIL import Image
 
+from models.conventions import IGNORE_INDEX
 from tasks.data import ingest, store
 from tasks.data.readers import BadItem, DatasetError, make_reader
 
@@ -465,12 +466,12 @@ def test_a_padded_layout_1_version_is_still_read(tmp_path: Path) -> None:
     # Turn it into what layout 1 wrote: (N, Hmax, Wmax) uint8 padded with 255.
     group = zarr.open_group(str(Path(url) / "datasets" / "d" / plan.spec.version), mode="a")
     del group["original_masks"]
-    padded = np.full((3, 40, 30), store.IGNORE, np.uint8)
+    padded = np.full((3, 40, 30), store.IGNORE_INDEX, np.uint8)
     for row, image_id in enumerate(ds.ids):
         h, w = labels[image_id].shape
         padded[row, :h, :w] = labels[image_id]
     group.create_array("original_masks", shape=padded.shape, dtype="uint8",
-                       chunks=(1, 40, 30), shards=(2, 40, 30), fill_value=store.IGNORE)[:] = padded
+                       chunks=(1, 40, 30), shards=(2, 40, 30), fill_value=IGNORE_INDEX)[:] = padded
     group.attrs["layout"] = 1
     old = store.open_dataset(url, "d")
     for image_id, label in labels.items():

@@ -60,11 +60,12 @@ def _corrupt_masks(voc_root: Path, ids: list[str], seed: int) -> None:
         new.save(path)
 
 
-def _config(url: str, tmp_path: Path) -> TrainConfig:
+def _config(url: str, tmp_path: Path, loader_workers: int = 0) -> TrainConfig:
     return TrainConfig(
         model="metasegnet", store=url, dataset="synth", fold=0, budget=0.2, steps=6,
         batch_size=2, checkpoint_every=2, val_every=2, val_episodes=4, test_episodes=4,
         test_shots=[1], min_pixels=64, threads=1, experiment="test",
+        loader_workers=loader_workers,
         model_args={"embed_dim": 16, "global_dim": 32, "local_dim": 16},
         out_dir=str(tmp_path / "runs"))
 
@@ -107,7 +108,9 @@ def test_labels_outside_the_budget_do_not_reach_training(tmp_path: Path) -> None
                for i in clean.split_ids("val"))
 
     # Train the same point on each store.
-    cfg_dirty = _config(dirty_url, tmp_path)
+    # Read ahead by two loader processes (tasks/fewshot/loader.py): prefetching must read only
+    # what the in-process loop of the clean run reads, and train the same weights.
+    cfg_dirty = _config(dirty_url, tmp_path, loader_workers=2)
     assert cfg_dirty.budget_seed == cfg_clean.budget_seed
     metrics: dict[str, list[tuple[int, str, float]]] = {"clean": [], "dirty": []}
     results = {}

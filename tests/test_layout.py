@@ -401,10 +401,11 @@ def test_cli_ingests_a_layout(tmp_path: Path, prefect_api_url: str) -> None:
 
 def test_an_unexpected_error_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     import flows.cli as cli
+    from flows.cli import data as data_cli
 
     def bug(args):
         raise KeyError("a bug, not a user error")
 
-    monkeypatch.setattr(cli, "cmd_inspect", bug)
+    monkeypatch.setattr(data_cli, "cmd_inspect", bug)
     with pytest.raises(KeyError, match="a bug"):
         cli.main(["store", "inspect", "nowhere.zarr"])

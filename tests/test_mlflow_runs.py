@@ -23,7 +23,7 @@ def _strict_json(text: str) -> object:
 
 
 def test_runs_url_commit_tag_and_ui_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.cli import ui_hint
+    from flows.cli.study import ui_hint
 
     assert runs_url("http://127.0.0.1:5000/", "7") == (
         "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning")

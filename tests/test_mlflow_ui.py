@@ -22,9 +22,10 @@ from typing import Any
 import pytest
 import yaml
 
+from flows.cli.services import add_ui_parser
 from flows.deployments import ablation_deployment
 from flows.runtime import prefect_api, stop_process
-from flows.ui import add_ui_parser, start_mlflow_ui
+from flows.ui import start_mlflow_ui
 
 CHROMIUM = Path(os.environ.get("FSS_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("FSS_CHROMEDRIVER", "/usr/bin/chromedriver"))

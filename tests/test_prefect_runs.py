@@ -152,3 +152,6 @@ def test_cli_keeps_the_terminal_quiet_and_sends_run_logs_to_prefect(
     messages = [log.message for log in _logs(prefect_server, [run.id])]
     assert any("trained in" in m and "test mIoU" in m for m in messages), messages
     assert any("Beginning flow run" in m for m in messages), messages
+    # The library's own log lines (logging.getLogger(__name__) under `tasks`) are run logs too.
+    assert any(m.startswith("metasegnet at budget 1: ") and "labelled images" in m
+               for m in messages), messages

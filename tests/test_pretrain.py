@@ -235,7 +235,7 @@ def test_cli_runs_the_flow(tiny_store: str, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    from flows.pretrain import add_pretrain_parser
+    from flows.cli.labelfree import add_pretrain_parser
 
     parser = argparse.ArgumentParser(prog="fss")
     add_pretrain_parser(parser.add_subparsers(dest="command", required=True))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
+from models.conventions import IGNORE_INDEX
 from tasks.data import store
 
 
@@ -157,7 +158,7 @@ def test_arrays_in_another_layout_are_read_through_zarr_python(tiny_store: str,
     masks = group["masks"][:]
     del group["masks"]
     group.create_array("masks", shape=masks.shape, dtype="uint8", chunks=(4, 64, 64),
-                       compressors=zarr.codecs.BloscCodec(), fill_value=store.IGNORE)[:] = masks
+                       compressors=zarr.codecs.BloscCodec(), fill_value=IGNORE_INDEX)[:] = masks
     ds = store.open_dataset(url, "synth", cache_bytes=0)
     assert ds._reader.array("masks")._plan is None  # not decodable by the fast path
     for image_id in ds.ids[::5]:

@@ -112,11 +112,12 @@ def test_disk_full_and_a_file_in_the_way_are_one_line(tmp_path: Path) -> None:
 def test_disk_and_path_errors_through_main(exc: OSError, expected: str, capsys,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import flows.cli as cli
+    from flows.cli import data as data_cli
 
     def fail(args):
         raise exc
 
-    monkeypatch.setattr(cli, "cmd_inspect", fail)
+    monkeypatch.setattr(data_cli, "cmd_inspect", fail)
     assert cli.main(["store", "inspect", "x.zarr"]) == 2
     assert capsys.readouterr().err == f"fss: error: {expected}\n"
     assert cli.main(["--debug", "store", "inspect", "x.zarr"]) == 2
@@ -126,11 +127,12 @@ def test_disk_and_path_errors_through_main(exc: OSError, expected: str, capsys,
 
 def test_other_os_errors_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     import flows.cli as cli
+    from flows.cli import data as data_cli
 
     def fail(args):
         raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
 
-    monkeypatch.setattr(cli, "cmd_inspect", fail)
+    monkeypatch.setattr(data_cli, "cmd_inspect", fail)
     with pytest.raises(ConnectionResetError):
         cli.main(["store", "inspect", "x.zarr"])
 

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tasks import defaults
 from tasks.data import store
 from tasks.data.readers import BadItem, DatasetError, Item, Reader
 
-DEFAULT_SIZE = 144
-DEFAULT_SHARD_SIZE = 64
+DEFAULT_SIZE = defaults.INGEST_SIZE
+DEFAULT_SHARD_SIZE = defaults.SHARD_SIZE
 # Larger images are quarantined: decoding one takes its pixels x 4 bytes (RGB and label) at
 # least (Pillow itself refuses 179 Mpx as a decompression bomb). Original-size masks are
 # stored ragged, each at its own size, so other images never pay for the largest one.
@@ -28,7 +29,7 @@ DEFAULT_MAX_PIXELS = 64_000_000
 # How an image reaches the canonical S x S square: "square" stretches it (HSNet's choice, the
 # default); "pad" keeps its aspect ratio, the longest side becoming S, and pads the rest at the
 # bottom and right (PFENet's choice): image padding 0, mask padding 255 (ignored).
-RESIZE_MODES = ("square", "pad")
+RESIZE_MODES = defaults.RESIZE_MODES
 
 
 @dataclass
@@ -186,7 +187,7 @@ def pad_pair(image: np.ndarray, mask: np.ndarray,
     the top-left corner of the ``size`` square, the rest image 0 and mask 255; with the box."""
     top, left, h, w = box = content_box(*mask.shape, size)
     img = np.zeros((size, size, 3), np.uint8)
-    lbl = np.full((size, size), store.IGNORE, np.uint8)
+    lbl = np.full((size, size), store.IGNORE_INDEX, np.uint8)
     img[top:top + h, left:left + w] = np.asarray(
         Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
     lbl[top:top + h, left:left + w] = np.asarray(

@@ -55,8 +55,8 @@ import yaml
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from models.conventions import IGNORE_INDEX
 from tasks.data.readers import (
-    IGNORE,
     MAX_CLASSES,
     ORIENTATIONS,
     SWAPS_SIDES,
@@ -237,10 +237,10 @@ class Layout(BaseModel):
         """Label value -> store id, for value-coded masks (255 is always ignore)."""
         ids = self.store_ids()
         out = {v: ids[name] for v, name in enumerate(self.classes)}
-        out.update({int(v): IGNORE for v in self.ignore})
-        out[IGNORE] = IGNORE
+        out.update({int(v): IGNORE_INDEX for v in self.ignore})
+        out[IGNORE_INDEX] = IGNORE_INDEX
         for value, target in (self.remap or {}).items():
-            out[int(value)] = IGNORE if target == IGNORE_NAME else ids[target]
+            out[int(value)] = IGNORE_INDEX if target == IGNORE_NAME else ids[target]
         return out
 
     def colour_map(self) -> dict[int, int]:
@@ -248,7 +248,7 @@ class Layout(BaseModel):
         assert self.palette is not None
         ids = self.store_ids()
         out = {_pack(c): ids[name] for name, c in self.palette.items()}
-        out.update({_pack(c): IGNORE for c in self.ignore})
+        out.update({_pack(c): IGNORE_INDEX for c in self.ignore})
         return out
 
     def meaning(self) -> dict[str, Any]:
@@ -413,7 +413,7 @@ class LayoutReader(Reader):
                                                f"({type(exc).__name__}: {exc})") from exc
         width, height = image_im.size
         if not item.labelled:
-            return _to_rgb(image_im), np.full((height, width), IGNORE, np.uint8)
+            return _to_rgb(image_im), np.full((height, width), IGNORE_INDEX, np.uint8)
         mask_path = str(item.label)
         mask_im = _decode(mask_path, "mask", lossless=True)
         if mask_im.size != image_im.size:

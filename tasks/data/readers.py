@@ -27,6 +27,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from models.conventions import IGNORE_INDEX
+
 VOC_CLASSES: list[str] = [
     "background",
     "aeroplane", "bicycle", "bird", "boat", "bottle",
@@ -35,7 +37,6 @@ VOC_CLASSES: list[str] = [
     "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 ]  # fmt: skip
 
-IGNORE = 255
 # Class ids live in uint8 masks next to the ignore value 255.
 MAX_CLASSES = 255
 
@@ -460,7 +461,7 @@ class VOCReader(Reader):
             )
         raw = np.asarray(mask_im)
         values = np.unique(raw)
-        unknown = values[((values < 0) | (values >= len(self.classes))) & (values != IGNORE)]
+        unknown = values[((values < 0) | (values >= len(self.classes))) & (values != IGNORE_INDEX)]
         if unknown.size:
             raise BadItem(mask_path, f"unknown label ids {unknown.tolist()}")
         return _to_rgb(image_im), raw.astype(np.uint8)
@@ -756,7 +757,7 @@ class COCOReader(Reader):
             labelled |= instance
         if crowds:
             crowd = mask_utils.decode(mask_utils.merge(crowds)).astype(bool)
-            mask[crowd & ~labelled] = IGNORE
+            mask[crowd & ~labelled] = IGNORE_INDEX
         return _to_rgb(image_im), mask
 
     def fingerprint(self) -> str:

@@ -86,6 +86,8 @@ from zarr.errors import (
     UnstableSpecificationWarning,
 )
 
+from models.conventions import IGNORE_INDEX
+
 # Layout of a dataset version. 2: original_masks ragged (one compressed blob per row), so
 # memory follows the image at hand; 1: padded to the dataset's largest image (still read).
 # Part of the version id: a rerun of an ingest made under layout 1 makes a new version.
@@ -93,7 +95,6 @@ LAYOUT_VERSION = 2
 DERIVED_LAYOUT_VERSION = 1  # derived groups did not change: their keys stay what they were
 DATASETS = "datasets"
 PENDING, INGESTED, QUARANTINED = 0, 1, 2
-IGNORE = 255
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no "\n" slips by
 _MASK_CODEC = ZstdCodec(level=3)  # masks compress 40-190x; images are stored raw
 _BLOB_CODEC = Zstd(level=3)  # the same, applied by the writer to each original mask on its own
@@ -405,7 +406,7 @@ def _build_version(g: zarr.Group, spec: DatasetSpec) -> None:
 
     arr("images", (n, s, s, 3), "uint8", (1, s, s, 3), 0, shards=(rows, s, s, 3),
         compressors=None)
-    arr("masks", (n, s, s), "uint8", (1, s, s), IGNORE, shards=(rows, s, s),
+    arr("masks", (n, s, s), "uint8", (1, s, s), IGNORE_INDEX, shards=(rows, s, s),
         compressors=_MASK_CODEC)
     # Ragged: one blob per row (the row's own (h, w) label, zstd-compressed by the writer), so
     # neither a writer nor a reader ever holds more than the labels of the rows at hand.
@@ -796,7 +797,7 @@ def write_shard(store_url: str, name: str, version: str, shard: int,
     max_pixels = g.attrs["params"].get("max_pixels")
     n_classes = arrays["index/class_pixels"].shape[1]
     images = np.zeros((n, s, s, 3), np.uint8)
-    masks = np.full((n, s, s), IGNORE, np.uint8)
+    masks = np.full((n, s, s), IGNORE_INDEX, np.uint8)
     originals = np.full(n, b"", dtype=object)  # compressed, one label at a time
     status = np.full(n, QUARANTINED, np.uint8)
     reasons = [r.reason for r in results]

@@ -40,6 +40,7 @@ from pycocotools import mask as mask_utils
 from skimage import draw, measure
 from tqdm import tqdm
 
+from tasks import defaults
 from tasks.jsonsafe import write_text
 
 VERSION = 1
@@ -396,8 +397,9 @@ def _with_paths(summary: dict, root: Path) -> dict:
     return out
 
 
-def synthesize(out_dir: str | Path, *, n_train: int = 600, n_val: int = 200, size: int = 144,
-               seed: int = 0, progress: bool = False) -> dict:
+def synthesize(out_dir: str | Path, *, n_train: int = defaults.SYNTH_TRAIN,
+               n_val: int = defaults.SYNTH_VAL, size: int = defaults.SYNTH_SIZE,
+               seed: int = defaults.SEED, progress: bool = False) -> dict:
     """Write the benchmark; return a summary dict (params, counts per split, per-class image
     counts, paths). A rerun with the same params is a no-op; other params raise ValueError."""
     for name, val, lo in (("n_train", n_train, 1), ("n_val", n_val, 1), ("size", size, 64),

@@ -39,6 +39,8 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from tasks import defaults
+
 ModelName = Literal["metasegnet", "panet", "umt"]
 Optimizer = Literal["adamw", "sgd"]
 MODELS: tuple[str, ...] = get_args(ModelName)
@@ -105,7 +107,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
     model: ModelName = Field("metasegnet", description="The few-shot model.")
-    store: Name = Field("data/store.zarr", description="The Zarr store: a path or fsspec URL.")
+    store: Name = Field(defaults.STORE, description="The Zarr store: a path or fsspec URL.")
     dataset: Name = Field("synth", description="The dataset's name in the store.")
     fold: Annotated[StrictInt, Field(ge=0)] = Field(
         0, description="The fold whose classes are tested (0..n_folds-1); the others are the "
@@ -194,6 +196,12 @@ class TrainConfig(BaseModel):
         json_schema_extra=expected_note(DEVICES))
     threads: Annotated[StrictInt, Field(ge=0)] = Field(
         0, description="Torch threads on CPU; 0 = torch's default.")
+    loader_workers: Annotated[StrictInt, Field(ge=0)] | None = Field(
+        None, description="Processes that read the next steps' episodes while a step trains "
+                          "(threads inside a Dask worker); 0 reads each batch when its step "
+                          "starts; null: by device (0 on CPU, 4 on CUDA; "
+                          "`tasks/fewshot/loader.py:workers_for`). The same batches either way, "
+                          "so not part of the run name's digest.")
     system_metrics: StrictBool = Field(
         False, description="MLflow system metrics (system/cpu_utilization_percentage, memory, "
                            "disk, network, GPU with nvidia-ml-py) sampled while the point "
@@ -385,7 +393,8 @@ def config_digest(cfg: TrainConfig, data_version: str) -> str:
     """8 hex digits of everything that defines a trained model: its config (less where it is
     written and tracked, and whether system metrics are) and the data version."""
     config = cfg.to_dict() | {"out_dir": None, "experiment": None}
-    del config["system_metrics"]  # what is tracked, not what is trained: digests stay as they were
+    # What is tracked and how batches are read, not what is trained: digests stay as they were.
+    del config["system_metrics"], config["loader_workers"]
     blob = json.dumps({"config": config, "data": data_version}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IGNORE = 255
+from models.conventions import IGNORE_INDEX
 
 
 def _numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -66,7 +66,7 @@ class SegmentationMeter:
         if unknown:
             raise ValueError(f"episode classes {unknown} are not among this meter's classes "
                              f"{self.classes}")
-        valid = t != IGNORE
+        valid = t != IGNORE_INDEX
         p, t = p[valid], t[valid]
         rows = []
         for j, c in enumerate(episode_classes):
@@ -125,7 +125,7 @@ def episode_iou(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tens
     """Mean IoU over the episode's classes 1..ways in one episode (for display, not scoring);
     a class absent from both prediction and label is left out (nan if all are)."""
     p, t = _numpy(pred), _numpy(target)
-    valid = t != IGNORE
+    valid = t != IGNORE_INDEX
     p, t = p[valid], t[valid]
     scores = []
     for label in range(1, ways + 1):

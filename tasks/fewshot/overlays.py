@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tasks.fewshot.episodes import IGNORE, Episode
+from models.conventions import IGNORE_INDEX
+from tasks.fewshot.episodes import Episode
 from tasks.fewshot.metrics import episode_iou
 
 # Episode label j+1 -> colour; saturated and far apart so that 5-way episodes stay readable.
@@ -52,8 +53,8 @@ def overlay(image: np.ndarray, mask: np.ndarray, tile: int) -> Image.Image:
     m = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((tile, tile),
                                                                  Image.Resampling.NEAREST))
     colours = np.zeros((256, 3), np.float32)
-    colours[1:IGNORE] = PALETTE[np.arange(IGNORE - 1) % len(PALETTE)]
-    colours[IGNORE] = IGNORE_COLOUR
+    colours[1:IGNORE_INDEX] = PALETTE[np.arange(IGNORE_INDEX - 1) % len(PALETTE)]
+    colours[IGNORE_INDEX] = IGNORE_COLOUR
     grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     out = MUTE * grey[..., None] + (1 - MUTE) * rgb
     shown = m > 0
@@ -64,7 +65,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, tile: int) -> Image.Image:
     for d in range(1, OUTLINE + 1):
         for dy, dx in ((d, 0), (-d, 0), (0, d), (0, -d)):
             edge |= pad[OUTLINE + dy:OUTLINE + dy + tile, OUTLINE + dx:OUTLINE + dx + tile] != m
-    edge &= shown & (m != IGNORE)
+    edge &= shown & (m != IGNORE_INDEX)
     out[edge] = colours[m[edge]]
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
 

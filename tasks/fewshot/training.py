@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +32,19 @@ from models.umt import UMTTransformer
 from tasks.data.folds import base_classes, fold_classes
 from tasks.data.store import Dataset, list_derived, open_dataset, open_derived
 from tasks.fewshot.config import TrainConfig, config_digest
-from tasks.fewshot.episodes import Episode, EpisodeSampler, batch_to_tensors, hold_out, label_budget
+from tasks.fewshot.episodes import (
+    Episode,
+    EpisodeSampler,
+    hold_out,
+    label_budget,
+)
+from tasks.fewshot.loader import EpisodeIds, StepBatch, step_batches, workers_for
 from tasks.fewshot.metrics import SegmentationMeter, upsample_logits_to
 from tasks.labelfree.embeddings import to_input
 from tasks.labelfree.pseudo_tasks import PseudoEpisodeSampler
 from tasks.loop import TrainingLoop, load_state, save_checkpoint
+
+log = logging.getLogger(__name__)
 
 MetricsHook = Callable[[dict[str, float], int], None]
 
@@ -80,7 +88,7 @@ class FrozenFeatureCache:
                 self._feats[image_id] = {k: v[0] for k, v in self.model.extract(img).items()}
         return self._feats[image_id]
 
-    def batch(self, episodes: Sequence[Episode]) -> dict[str, dict[str, torch.Tensor]]:
+    def batch(self, episodes: Sequence[Episode | EpisodeIds]) -> dict[str, dict[str, torch.Tensor]]:
         queries = [self._get(ep.query_id) for ep in episodes]
         supports = [[self._get(i) for i in ep.support_ids] for ep in episodes]
         return {
@@ -103,11 +111,13 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def make_batch(episodes: Sequence[Episode], device: torch.device,
+def make_batch(episodes: Sequence[Episode] | StepBatch, device: torch.device,
                cache: FrozenFeatureCache | None = None) -> dict[str, Any]:
-    batch: dict[str, Any] = _to(batch_to_tensors(episodes), device)
+    """Model inputs on `device`: of episodes, or of a step's batch from the loader."""
+    loaded = episodes if isinstance(episodes, StepBatch) else StepBatch.of(-1, episodes)
+    batch: dict[str, Any] = _to(loaded.tensors, device)
     if cache is not None:
-        batch["features"] = cache.batch(episodes)
+        batch["features"] = cache.batch(loaded.episodes)
     return batch
 
 
@@ -203,10 +213,6 @@ class TrainResult:
     log: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # what was emitted
 
 
-def episodes_for_step(sampler: EpisodeSampler, step: int, batch_size: int) -> list[Episode]:
-    return [sampler.episode(step * batch_size + b) for b in range(batch_size)]
-
-
 @dataclass
 class LabelledData:
     """All that a point may read of labels: its labelled subset, split into training and
@@ -260,9 +266,9 @@ def labelled_data(cfg: TrainConfig, ds: Dataset) -> LabelledData:
     val, selection = None, "last checkpoint: no labelled image held out (budget too small)"
     if held_out:
         try:
-            with warnings.catch_warnings():  # a handful of images leaves most classes out
-                warnings.simplefilter("ignore")
-                val = EpisodeSampler(ds, image_ids=held_out, seed=cfg.seed + 10_000, **common)
+            # A handful of held-out images leaves most classes out: that is expected, not news.
+            val = EpisodeSampler(ds, image_ids=held_out, seed=cfg.seed + 10_000,
+                                 drop_level=logging.DEBUG, **common)
             selection = f"best val/miou on {len(held_out)} held-out labelled images"
         except ValueError:
             selection = (f"last checkpoint: the {len(held_out)} held-out labelled images form "
@@ -390,9 +396,13 @@ def run_phase(cfg: TrainConfig, phase: Phase, run_dir: Path, *, model: nn.Module
         save_checkpoint(best_path, {"model": model.state_dict(), "step": phase.offset + step,
                                     "config": cfg.to_dict()})
 
+    # Batches of the coming steps are read while this one trains (tasks/fewshot/loader.py).
+    batches = step_batches(phase.stream, cfg.batch_size, range(loop.step, phase.steps),
+                           workers=workers_for(cfg.loader_workers, device),
+                           pin_memory=device.type == "cuda")
+
     def objective(step: int) -> dict[str, torch.Tensor]:
-        sampler = phase.stream(step)
-        batch = make_batch(episodes_for_step(sampler, step, cfg.batch_size), device, cache)
+        batch = make_batch(next(batches), device, cache)
         with _autocast(device):
             return {"loss": model.compute_objective(batch, cfg.ways)}
 
@@ -417,11 +427,14 @@ def run_phase(cfg: TrainConfig, phase: Phase, run_dir: Path, *, model: nn.Module
                 best_val, best_step = val.miou, phase.offset + step
                 save_best(step)
 
-    loop.run(objective, checkpoint_every=cfg.checkpoint_every, after_step=after_step,
-             extra_state=lambda: {"best_step": best_step, "best_val": best_val,
-                                  "history": history, "log": log, "config": cfg.to_dict()},
-             before_checkpoint=on_checkpoint,  # before the file: metrics up to it survive a crash
-             stop_after=stop_after, step_offset=phase.offset)
+    try:
+        loop.run(objective, checkpoint_every=cfg.checkpoint_every, after_step=after_step,
+                 extra_state=lambda: {"best_step": best_step, "best_val": best_val,
+                                      "history": history, "log": log, "config": cfg.to_dict()},
+                 before_checkpoint=on_checkpoint,  # before the file: metrics up to it survive
+                 stop_after=stop_after, step_offset=phase.offset)
+    finally:
+        batches.close()
     return TrainResult(run_dir=run_dir, steps=phase.offset + loop.step, best_step=best_step,
                        best_val_miou=best_val if phase.val is not None else float("nan"),
                        history=history, seconds=time.perf_counter() - t0,
@@ -462,6 +475,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
                             pseudo_val=pseudo_val, progress=progress)
     accounting = {"labels": {"images": labelled.images, "pixels": labelled.pixels},
                   "selection": labelled.selection}
+    log.info("%s at budget %g: %d labelled images (%d labelled pixels), checkpoint selection: "
+             "%s", cfg.model, cfg.budget, labelled.images, labelled.pixels, labelled.selection)
     if not two_phase(cfg):
         samplers = {"labelled": labelled.train, "pseudo": pseudo}
         phase = Phase(cfg.steps, lambda s: samplers[episode_stream(cfg, s)], labelled.val)
@@ -471,7 +486,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, on_metrics: MetricsHook | None = N
 
     phase_dir = pseudo_phase_dir(cfg, ds)
     phase_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(phase_dir / ".lock"):
+    with FileLock(phase_dir / ".lock"):  # a point training it now: wait, then reuse it
+        log.info("pseudo phase (%d steps) in %s", cfg.pseudo_steps, phase_dir)
         first = run(Phase(cfg.pseudo_steps, lambda s: pseudo, None), phase_dir,
                     emit=lambda metrics, s: None, stop_after=stop_after)
     last_path = run_dir / "checkpoints" / "last.pt"

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from skimage.segmentation import felzenszwalb
 
-from tasks import jsonsafe
+from tasks import defaults, jsonsafe
 from tasks.data import store
 
 KIND = "pseudo"
@@ -55,17 +55,17 @@ UNASSIGNED = 255  # rows that hold no ingested image
 class PseudoConfig:
     """Everything that shapes the pseudo masks (all of it names the output)."""
 
-    k: int = 30
-    seed: int = 0
-    sample_size: int = 100_000  # feature pixels drawn over the fitting images
+    k: int = defaults.PSEUDO_K
+    seed: int = defaults.SEED
+    sample_size: int = defaults.PSEUDO_SAMPLE_SIZE  # feature pixels drawn over the fitting images
     init_size: int = 20_000  # of which k-means++ seeds on this many
-    iters: int = 50
+    iters: int = defaults.PSEUDO_ITERS
     tol: float = 1e-5  # stop once no centre moves by more than 1 - cos = tol
     groups: int = 16  # Lloyd steps map over this many groups of sample pieces
-    fit_splits: tuple[str, ...] = ("train",)
-    sp_scale: float = 100.0  # Felzenszwalb superpixels on the canonical image
-    sp_sigma: float = 0.8
-    sp_min_size: int = 50
+    fit_splits: tuple[str, ...] = defaults.PSEUDO_FIT_SPLITS
+    sp_scale: float = defaults.SP_SCALE  # Felzenszwalb superpixels on the canonical image
+    sp_sigma: float = defaults.SP_SIGMA
+    sp_min_size: int = defaults.SP_MIN_SIZE
 
     def __post_init__(self) -> None:
         if not 2 <= self.k < UNASSIGNED:
@@ -449,7 +449,7 @@ def contingency(store_url: str, name: str, version: str, key: str) -> dict[str, 
         for split in np.unique(splits[ok]):
             use = ok & (splits == split)
             t, p = truth[use], pred[use]
-            valid = (t != store.IGNORE) & (p != UNASSIGNED) & (t < n_classes)
+            valid = (t != store.IGNORE_INDEX) & (p != UNASSIGNED) & (t < n_classes)
             flat = p[valid].astype(np.int64) * n_classes + t[valid]
             counts = np.bincount(flat, minlength=k * n_classes).reshape(k, n_classes)
             tables[str(split)] = tables.get(str(split), 0) + counts

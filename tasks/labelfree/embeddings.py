@@ -22,15 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.backbones import build_backbone, load_checkpoint
+from models.conventions import IMAGENET_MEAN, IMAGENET_STD
+from tasks import defaults
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 → (B, 3, H, W) float32, ImageNet-normalised."""
     x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    return (x - IMAGENET_MEAN) / IMAGENET_STD
+    return (x - _MEAN) / _STD
 
 
 class Embedder:
@@ -60,10 +62,10 @@ def _backbone_embedder(spec: dict[str, Any]) -> Embedder:
     seed = int(hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8], 16)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        backbone = build_backbone(spec.get("backbone", "small_resnet"))
+        backbone = build_backbone(spec.get("backbone", defaults.EMBEDDER_BACKBONE))
     if spec.get("checkpoint"):
         load_checkpoint(backbone, spec["checkpoint"], prefix=spec.get("prefix"))
-    layer = spec.get("layer", "layer4")
+    layer = spec.get("layer", defaults.EMBEDDER_LAYER)
     return Embedder(spec, backbone, lambda x: backbone(x)[layer], backbone.channels[layer],
                     backbone.strides[layer])
 

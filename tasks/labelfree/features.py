@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from tasks import defaults
 from tasks.data import store
 from tasks.labelfree.embeddings import Embedder, load_embedder
 
 KIND = "features"
 FIELD = "features"
-DEFAULT_BATCH = 16
+DEFAULT_BATCH = defaults.FEATURES_BATCH
 
 
 @dataclass(frozen=True)

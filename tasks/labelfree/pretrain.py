@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from models.dense_ssl import Augment, DenseSSL
+from tasks import defaults
 from tasks.data.store import LabelAccessError, UnlabelledImages  # noqa: F401 - re-exported
 from tasks.jsonsafe import write_json
 from tasks.loop import TrainingLoop, save_checkpoint
@@ -79,9 +80,11 @@ def _check_params(found: dict[str, Any], params: dict[str, Any], where: Path) ->
                          "use another output folder")
 
 
-def pretrain(store_url: str, dataset: str, out_dir: str | Path, *, steps: int = 300,
-             batch_size: int = 16, lr: float = 2e-3, seed: int = 0, image_size: int | None = None,
-             progress: bool = True, backbone: str = "small_resnet", version: str | None = None,
+def pretrain(store_url: str, dataset: str, out_dir: str | Path, *,
+             steps: int = defaults.PRETRAIN_STEPS, batch_size: int = defaults.PRETRAIN_BATCH,
+             lr: float = defaults.PRETRAIN_LR, seed: int = defaults.SEED,
+             image_size: int | None = None, progress: bool = True,
+             backbone: str = defaults.EMBEDDER_BACKBONE, version: str | None = None,
              ema: bool = True, global_weight: float = 0.5, temperature: float = 0.2,
              checkpoint_every: int = 50, device: str = "auto", threads: int | None = None,
              stop_after: int | None = None) -> Path:

@@ -15,10 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from models.conventions import IGNORE_INDEX
 from tasks.data.store import Dataset, Derived
 from tasks.fewshot.episodes import Episode
-
-IGNORE = 255
 
 
 class PseudoEpisodeSampler:
@@ -85,7 +84,7 @@ class PseudoEpisodeSampler:
     def _binary(self, image_id: str, cluster: int) -> np.ndarray:
         mask = self.pseudo.get(image_id, "mask")
         out = (mask == cluster).astype(np.uint8)
-        out[mask == IGNORE] = IGNORE
+        out[mask == IGNORE_INDEX] = IGNORE_INDEX
         return out
 
     def episode(self, index: int) -> Episode:

@@ -9,21 +9,38 @@ Everything goes under `--workdir`; every stage is idempotent, so a rerun only re
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
+from flows.cli.data import print_ingest_summary
+from flows.cli.study import ui_hint
+from tasks import defaults
 
-STUDY = Path(__file__).resolve().parents[1] / "configs" / "ablation-synthetic.yaml"
+STUDY = defaults.PROJECT_DIR / "configs" / "ablation-synthetic.yaml"
 # --quick: a smoke run of the same stages at toy sizes.
 QUICK = {"n_train": 96, "n_val": 48, "pretrain_steps": 20, "k": 12,
          "train": ["steps=6", "val_every=6", "checkpoint_every=6", "val_episodes=8",
                    "test_episodes=40", "batch_size=4"], "pseudo_steps": 6}
-FULL = {"n_train": 600, "n_val": 200, "pretrain_steps": 200, "k": 30, "train": [],
-        "pseudo_steps": None}
+FULL = {"n_train": defaults.SYNTH_TRAIN, "n_val": defaults.SYNTH_VAL, "pretrain_steps": 200,
+        "k": defaults.PSEUDO_K, "train": [], "pseudo_steps": None}
+
+
+def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("demo", help="the end-to-end demo on the synthetic benchmark")
+    p.add_argument("--workdir", default="demo", help="where data, store and runs go")
+    p.add_argument("--quick", action="store_true", help="a smoke run of a minute or two")
+    p.add_argument("--workers", type=int, default=defaults.WORKERS,
+                   help="LocalCluster worker processes")
+    p.set_defaults(func=cmd_demo, runs_flows=True)
+    return p
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(workdir=Path(args.workdir), quick=args.quick, workers=args.workers)
 
 
 def _stage(n: int, text: str) -> float:
@@ -41,6 +58,8 @@ def demo_study(store_url: str, backbone: str, out_dir: str, quick: bool) -> tupl
     The files go into `base`, so a point that sets its own (MetaSegNet from scratch:
     `backbone_checkpoint: null`) keeps it; the --quick sizes are overrides of every point.
     """
+    import yaml
+
     study = copy.deepcopy(yaml.safe_load(STUDY.read_text()))
     sizes = QUICK if quick else FULL
     if sizes["pseudo_steps"]:
@@ -49,11 +68,10 @@ def demo_study(store_url: str, backbone: str, out_dir: str, quick: bool) -> tupl
     return study, list(sizes["train"])
 
 
-def run_demo(workdir: Path, *, quick: bool = False, workers: int = 2) -> int:
+def run_demo(workdir: Path, *, quick: bool = False, workers: int = defaults.WORKERS) -> int:
     import torch
 
     from flows.ablate import run_ablation
-    from flows.cli import print_ingest_summary, ui_hint
     from flows.ingest import run_ingest
     from flows.pretrain import pretrain_flow
     from flows.pseudo import run_pseudo
@@ -89,8 +107,7 @@ def run_demo(workdir: Path, *, quick: bool = False, workers: int = 2) -> int:
                  f"{pre['loss_end']:.3f}")
 
         t = _stage(4, f"features + k-means (K={sizes['k']}) pseudo masks + cluster report")
-        embedder = {"kind": "backbone", "backbone": "small_resnet", "layer": "layer4",
-                    "checkpoint": pre["backbone"]}
+        embedder = defaults.default_embedder(checkpoint=pre["backbone"])
         pseudo = run_pseudo(workers=workers, embedder=embedder, store_url=store_url,
                             name="synth", k=sizes["k"], report_dir=str(workdir / "reports"),
                             experiment="synthetic-clusters")
