@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
+from models.conventions import IGNORE_INDEX
 from tasks.data import store
 
 SIZE, ROWS = 16, 4
@@ -54,7 +55,7 @@ def _results(n: int, seed: int = 0) -> list[store.ItemResult]:
             out.append(store.ItemResult(reason=f"broken file {i}"))
             continue
         if i % 5 == 3:
-            mask = np.full((SIZE, SIZE), store.IGNORE, np.uint8)
+            mask = np.full((SIZE, SIZE), IGNORE_INDEX, np.uint8)
         if i == 2:
             image = np.zeros_like(image)
         if i == 4:
@@ -102,7 +103,7 @@ def test_dataset_shards_are_byte_identical_to_zarr_python(
     for row, r in enumerate(results):
         kept = r.ok
         np.testing.assert_array_equal(g["images"][row], r.image if kept else 0)
-        np.testing.assert_array_equal(g["masks"][row], r.mask if kept else store.IGNORE)
+        np.testing.assert_array_equal(g["masks"][row], r.mask if kept else IGNORE_INDEX)
         assert g["index/status"][row] == (store.INGESTED if kept else store.QUARANTINED)
         if kept:
             np.testing.assert_array_equal(store.decode_original_mask(
