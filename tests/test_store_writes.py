@@ -234,3 +234,13 @@ def test_stores_other_than_a_folder_get_the_same_bytes_through_their_own_api(
     assert sorted(fast) == sorted(reference) and "c/1/0/0" not in fast
     assert {k: v.to_bytes() for k, v in fast.items()} == {
         k: v.to_bytes() for k, v in reference.items()}
+
+
+def test_shard_is_done_reads_one_flag(tmp_path: Path) -> None:
+    n = 3 * ROWS
+    spec, url = _spec(n), str(tmp_path / "s.zarr")
+    store.create_dataset(url, spec)
+    store.write_shard(url, "d", spec.version, 1, _results(ROWS))
+    assert [store.shard_is_done(url, "d", spec.version, k) for k in range(3)] == [
+        False, True, False]
+    assert store.done_shards(url, "d", spec.version) == {1}

@@ -218,7 +218,7 @@ def load_item(reader: Reader, item: Item, size: int,
 def ingest_shard(store_url: str, name: str, version: str, shard: int, items: Sequence[Item],
                  readers: dict[str, Reader], size: int, resize: str = "square") -> ShardReport:
     """Process and write one shard; a no-op when the shard is already complete."""
-    if shard in store.done_shards(store_url, name, version):
+    if store.shard_is_done(store_url, name, version, shard):
         return ShardReport(shard=shard, skipped=True)
     results = [load_item(readers[item.split], item, size, resize) for item in items]
     store.write_shard(store_url, name, version, shard, results)

@@ -454,6 +454,17 @@ def done_shards(store_url: str, name: str, version: str, derived: str | None = N
     return {int(i) for i in np.flatnonzero(flags)}
 
 
+def shard_is_done(store_url: str, name: str, version: str, shard: int,
+                  derived: str | None = None) -> bool:
+    """Whether one shard of a dataset version (or of a derived group) is completely written:
+    what a shard writer asks before it starts. Reads that one flag, where `done_shards` reads
+    them all (one chunk each: per shard of a run, a cost that grows with the dataset)."""
+    path = _version_path(name, version)
+    if derived is not None:
+        path = _derived_path(name, version, derived)
+    return bool(_root(store_url, mode="r")[path]["shard_done"][shard])
+
+
 # ---------------------------------------------------------------------------------------------
 # Shard writes. zarr-python runs its codec pipeline once per chunk (~0.2-0.3 ms each, a thread
 # hop per zstd call included), and a chunk here is one row, so a shard written through it costs

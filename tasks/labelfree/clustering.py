@@ -365,7 +365,7 @@ def create_pseudo(store_url: str, name: str, version: str, features_key: str,
 def assign_shard(store_url: str, name: str, version: str, key: str,
                  shard: int) -> ShardReport:
     """Pseudo masks, counts, spans and prototypes of one shard; a no-op when it is done."""
-    if shard in store.done_shards(store_url, name, version, derived=key):
+    if store.shard_is_done(store_url, name, version, shard, derived=key):
         return ShardReport(shard=shard, skipped=True)
     t0 = time.perf_counter()
     pseudo = store.open_derived(store_url, name, key, version, cache_bytes=0)

@@ -109,7 +109,7 @@ def create_features(plan: FeaturesPlan) -> bool:
 def extract_shard(store_url: str, name: str, version: str, key: str, shard: int,
                   spec: dict[str, Any], batch_size: int = DEFAULT_BATCH) -> ShardReport:
     """Embed the images of one shard and write them; a no-op when the shard is complete."""
-    if shard in store.done_shards(store_url, name, version, derived=key):
+    if store.shard_is_done(store_url, name, version, shard, derived=key):
         return ShardReport(shard=shard, skipped=True)
     t0 = time.perf_counter()
     images = store.read_dataset_shard(store_url, name, version, "images", shard)
