@@ -1,18 +1,17 @@
 """Does training wait on data? Training steps/s with and without the prefetching loader, and
-the episodes/s one loader process delivers.
+the episodes/s the loader delivers.
 
     .venv/bin/python benchmarks/loader.py [--steps 20] [--repeats 3] [--parts ab]
 
 (a) training throughput: the training loop's own parts (`step_batches`, `make_batch`,
-    `training_loss`, AdamW) over the same steps with the batches read in this process
-    (`loader_workers: 0`, today's loop), by 1 and 2 DataLoader worker processes, and by 2
-    threads (what a daemonic Dask worker gets), interleaved, `--repeats` times; each figure
-    is the median. The clock starts after one warm-up step: starting the workers (once per
-    training phase) is not counted.
+    the model's `compute_objective`, AdamW) over the same steps with the batches read when the
+    step asks (`loader_workers: 0`, today's loop) and by 1 and 2 loader threads, interleaved,
+    `--repeats` times; each figure is the median. The clock starts after one warm-up step:
+    starting the threads (once per training phase) is not counted.
 (b) loader supply at 473 px (the PASCAL-5i protocol size): batches of `--batch-size` 1-way
     1-shot episodes with no training, from a fresh `Dataset` (cold shard cache: every shard
-    is read and decoded once) and again (warm), in this process and through the DataLoader
-    with 1 and 2 workers: episodes/s, and the training step time that supply could feed.
+    is read and decoded once) and again (warm), when asked and by 1 and 2 loader
+    threads: episodes/s, and the training step time that supply could feed.
 
 The synthetic stores (`tasks.data.synth` + the in-process ingest, as `fss data synth` and
 `fss ingest` make them) are generated once under `--workdir` (default `benchmarks/.work/`).
@@ -42,14 +41,12 @@ from tasks.fewshot.training import (
     labelled_data,
     make_batch,
     pick_device,
-    training_loss,
 )
 
 NAME = "synth"
 CORES = len(os.sched_getaffinity(0))
-# (label, workers, threads): how the batches are read
-LOADERS = [("in-process (0)", 0, False), ("1 process", 1, False), ("2 processes", 2, False),
-           ("2 threads", 2, True)]
+# (label, loader threads): how the batches are read
+LOADERS = [("when the step asks (0)", 0), ("1 thread", 1), ("2 threads", 2)]
 MODELS = {
     "metasegnet (small)": dict(model="metasegnet",
                                model_args={"embed_dim": 16, "global_dim": 32, "local_dim": 16}),
@@ -84,8 +81,7 @@ def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def training_seconds(cfg: TrainConfig, ds: Dataset, steps: int, workers: int,
-                     threads: bool) -> float:
+def training_seconds(cfg: TrainConfig, ds: Dataset, steps: int, workers: int) -> float:
     """Seconds for `steps` training steps after one warm-up step (the loader's start)."""
     device = pick_device(cfg.device)
     sampler = labelled_data(cfg, ds).train
@@ -98,13 +94,13 @@ def training_seconds(cfg: TrainConfig, ds: Dataset, steps: int, workers: int,
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(batch: object) -> None:
-        loss = training_loss(model, make_batch(batch, device, cache), cfg.ways, cfg)
+        loss = model.compute_objective(make_batch(batch, device, cache), cfg.ways)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
     batches = step_batches(lambda s: sampler, cfg.batch_size, range(steps + 1), workers=workers,
-                           pin_memory=device.type == "cuda", threads=threads)
+                           pin_memory=device.type == "cuda")
     step(next(batches))  # kernels, allocator and the shard cache warm up
     t0 = time.perf_counter()
     for batch in batches:
@@ -122,8 +118,8 @@ def part_a(args: argparse.Namespace, url: str) -> None:
     for _ in range(args.repeats):
         for model, kw in MODELS.items():
             cfg = TrainConfig(**(base | kw))
-            for label, workers, threads in LOADERS:
-                seconds = training_seconds(cfg, ds, args.steps, workers, threads)
+            for label, workers in LOADERS:
+                seconds = training_seconds(cfg, ds, args.steps, workers)
                 runs.setdefault((model, label), []).append(args.steps / seconds)
     rows = []
     for model in MODELS:
@@ -133,7 +129,7 @@ def part_a(args: argparse.Namespace, url: str) -> None:
             rows.append([model, label, rate, rate * args.batch_size, f"{rate / ref:.2f}x"])
     table(f"(a) training steps/s, {ds.size} px, batch {args.batch_size}, {args.steps} steps "
           f"x {args.repeats} (median)",
-          ["model", "loader", "steps/s", "episodes/s", "vs in-process"], rows)
+          ["model", "loader", "steps/s", "episodes/s", "vs when asked"], rows)
 
 
 def supply(url: str, batch_size: int, steps: int, workers: int,
@@ -155,7 +151,7 @@ def part_b(args: argparse.Namespace, url: str) -> None:
     supply(url, args.batch_size, args.supply_steps, 0, warm)  # fill its shard cache
     cases: dict[str, Callable[[], tuple[float, float]]] = {}
     for workers in (0, 1, 2):
-        label = "in-process" if workers == 0 else f"{workers} process{'es' * (workers > 1)}"
+        label = "when asked" if workers == 0 else f"{workers} thread{'s' * (workers > 1)}"
         cases[f"{label}, cold cache"] = (
             lambda w=workers: supply(url, args.batch_size, args.supply_steps, w, None))
         cases[f"{label}, warm cache"] = (
