@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 from PIL import Image
+from tables import table  # a sibling module: the benchmarks run as scripts
 
 from tasks.data import ingest, store
 from tasks.data.readers import Item, Reader, make_reader
@@ -40,16 +41,6 @@ from tasks.data.readers import Item, Reader, make_reader
 NAME = "bench"
 SPLITS = ["train", "val"]
 CORES = len(os.sched_getaffinity(0))
-
-
-def table(title: str, headers: list[str], rows: list[list[object]]) -> None:
-    cells = [headers, *[[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    print(f"\n## {title}\n")
-    for k, r in enumerate(cells):
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
-        if k == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 
 
 def synth_voc(workdir: Path, n: int, size: int, seed: int) -> Path:

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tables import table  # a sibling module: the benchmarks run as scripts
 
 from tasks.data import ingest
 from tasks.data.store import Dataset, open_dataset
@@ -55,16 +56,6 @@ MODELS = {
         model_args={"dim": 64, "n_fg_protos": 5, "n_bg_protos": 10, "heads": 4,
                     "kmeans_iters": 3, "freeze_backbone": True}),
 }
-
-
-def table(title: str, headers: list[str], rows: list[list[object]]) -> None:
-    cells = [headers, *[[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    print(f"\n## {title}\n")
-    for k, r in enumerate(cells):
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
-        if k == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 
 
 def synthetic_store(workdir: Path, images: int, size: int) -> str:

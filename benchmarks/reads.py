@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tables import table  # a sibling module: the benchmarks run as scripts
 
 from tasks.data import ingest, store
 from tasks.data.readers import make_reader
@@ -44,16 +45,6 @@ from tasks.data.synth import render_sample, voc_palette
 
 NAME = "reads"
 GOAL, FLOOR = 5.0, 3.0
-
-
-def table(title: str, headers: list[str], rows: list[list[object]]) -> None:
-    cells = [headers, *[[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    print(f"\n## {title}\n")
-    for k, r in enumerate(cells):
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
-        if k == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 
 
 def write_sources(root: Path, n: int, width: int, height: int, seed: int) -> Path:

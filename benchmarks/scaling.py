@@ -29,7 +29,8 @@ from typing import Any
 import psutil
 
 # benchmarks/ is not a package: running this file puts it on sys.path, so its sibling imports.
-from ingest import replicate, synth_voc, table
+from ingest import replicate, synth_voc
+from tables import table
 
 NAME = "bench"
 EMBEDDER = {"kind": "backbone", "backbone": "small_resnet", "layer": "layer4",
