@@ -55,7 +55,7 @@ class ShardReport:
 
 def plan_ingest(readers: Sequence[Reader], name: str, *, size: int = DEFAULT_SIZE,
                 shard_size: int = DEFAULT_SHARD_SIZE,
-                max_pixels: int = DEFAULT_MAX_PIXELS, resize: str = "square") -> IngestPlan:
+                max_pixels: int = DEFAULT_MAX_PIXELS, resize: str = defaults.RESIZE) -> IngestPlan:
     """List every split's items (fails fast on a wrong root) and derive the dataset version.
 
     Items over ``max_pixels`` (by their file header) are quarantined; the shard writer also
@@ -87,7 +87,8 @@ def plan_ingest(readers: Sequence[Reader], name: str, *, size: int = DEFAULT_SIZ
         "".join(r.fingerprint() for r in readers).encode()).hexdigest()
     params = {"size": size, "shard_size": shard_size, "kind": first.kind, "splits": splits,
               "max_pixels": max_pixels}
-    if resize != "square":  # the default stays out, so versions ingested before keep their id
+    # The default stays out of the parameters, so versions ingested before keep their id.
+    if resize != defaults.RESIZE:
         params["resize"] = resize
     spec = store.DatasetSpec(
         name=name,
@@ -196,7 +197,7 @@ def pad_pair(image: np.ndarray, mask: np.ndarray,
 
 
 def load_item(reader: Reader, item: Item, size: int,
-              resize: str = "square") -> store.ItemResult:
+              resize: str = defaults.RESIZE) -> store.ItemResult:
     """Decode, validate and resize one item; a bad item becomes a quarantine reason."""
     if item.quarantine:  # found while listing: its files are not read
         return store.ItemResult(reason=item.quarantine)
@@ -216,7 +217,8 @@ def load_item(reader: Reader, item: Item, size: int,
 
 
 def ingest_shard(store_url: str, name: str, version: str, shard: int, items: Sequence[Item],
-                 readers: dict[str, Reader], size: int, resize: str = "square") -> ShardReport:
+                 readers: dict[str, Reader], size: int,
+                 resize: str = defaults.RESIZE) -> ShardReport:
     """Process and write one shard; a no-op when the shard is already complete."""
     if store.shard_is_done(store_url, name, version, shard):
         return ShardReport(shard=shard, skipped=True)
@@ -233,7 +235,7 @@ def ingest_shard(store_url: str, name: str, version: str, shard: int, items: Seq
 
 def ingest_shards(store_url: str, name: str, version: str, shards: Sequence[int],
                   items: Sequence[Sequence[Item]], readers: dict[str, Reader], size: int,
-                  resize: str = "square") -> list[ShardReport]:
+                  resize: str = defaults.RESIZE) -> list[ShardReport]:
     """`ingest_shard` for several shards one after another (``items[i]`` are the items of
     ``shards[i]``): what one task of the ingest flow runs on a Dask worker."""
     return [ingest_shard(store_url, name, version, shard, shard_items, readers, size, resize)
@@ -253,7 +255,7 @@ def ingest_dataset(source: str, root: str, store_url: str, name: str, *,
                    splits: Sequence[str] | None = None, size: int = DEFAULT_SIZE,
                    shard_size: int = DEFAULT_SHARD_SIZE, classes_file: str | None = None,
                    list_file: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                   resize: str = "square") -> dict[str, Any]:
+                   resize: str = defaults.RESIZE) -> dict[str, Any]:
     """The whole ingest in this process, shard after shard (no Prefect, no Dask).
 
     What the flow does, for tests, scripts and small datasets; safe to run concurrently with

@@ -103,7 +103,8 @@ def pretrain(store_url: str, dataset: str, out_dir: str | Path, *,
                          f"({batch_size})")
     view = image_size or default_view_size(images.size)
     params = {"format": FORMAT, "dataset": dataset, "version": images.version,
-              "train_images": len(ids), "backbone": backbone, "layer": "layer4", "steps": steps,
+              "train_images": len(ids), "backbone": backbone,
+              "layer": defaults.EMBEDDER_LAYER, "steps": steps,
               "batch_size": batch_size, "lr": lr, "seed": seed, "image_size": view,
               "crop_scale": list(crop_scale(view, images.size)), "ema": ema,
               "global_weight": global_weight, "temperature": temperature}
@@ -158,7 +159,7 @@ def pretrain(store_url: str, dataset: str, out_dir: str | Path, *,
         "steps_per_s": round(done_here / this_call, 3) if done_here else None,
         "loss_start": round(float(np.mean([h[1] for h in history[:tenth]])), 4),
         "loss_end": round(float(np.mean([h[1] for h in history[-tenth:]])), 4),
-        "embedder": {"kind": "backbone", "backbone": backbone, "layer": "layer4",
+        "embedder": {"kind": "backbone", "backbone": backbone, "layer": defaults.EMBEDDER_LAYER,
                      "checkpoint": str(backbone_path.resolve())},
         "history_columns": ["step", "loss", "dense", "global"], "history": history})
     return backbone_path
