@@ -163,11 +163,22 @@ def test_a_disk_full_mid_ingest_loses_nothing(synth_root: Path, tmp_path: Path,
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return await real_set(self, key, value)
 
+    # The store writes whole shard files itself (store._KeyWriter) and metadata through zarr:
+    # the disk fills on either path.
+    real_put = store._KeyWriter.put
+
+    def full_disk_put(self, key, parts):
+        if key.endswith("original_masks/c/1"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_put(self, key, parts)
+
     monkeypatch.setattr(zarr.storage.LocalStore, "set", full_disk)
+    monkeypatch.setattr(store._KeyWriter, "put", full_disk_put)
     with pytest.raises(OSError) as err:
         ingest.ingest_dataset("voc", voc, url, "d", **kw)
     assert err.value.errno == errno.ENOSPC
     monkeypatch.setattr(zarr.storage.LocalStore, "set", real_set)
+    monkeypatch.setattr(store._KeyWriter, "put", real_put)
     with pytest.raises(store.StoreError, match="no completed version"):
         store.open_dataset(url, "d")
     again = ingest.ingest_dataset("voc", voc, url, "d", **kw)
