@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,23 @@ def prefect_api_url(prefect_server: str, monkeypatch: pytest.MonkeyPatch) -> str
     monkeypatch.setenv("PREFECT_API_URL", prefect_server)
     monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "WARNING")
     return prefect_server
+
+
+@pytest.fixture(autouse=True)
+def _cli_environment_stays_in_its_test() -> Iterator[None]:
+    """`fss` sets its logging variables in its own os.environ (for the servers and workers it
+    starts); a test that calls `main` in-process must not hand them to later tests (a Dask
+    worker of infra/dask's scripts then logs at WARNING, and its registration line never
+    comes)."""
+    from flows.cli import CLI_ENVIRONMENT
+
+    saved = {name: os.environ.get(name) for name in CLI_ENVIRONMENT}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(autouse=True, scope="session")

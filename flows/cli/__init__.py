@@ -163,15 +163,21 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+# Keep the terminal for progress bars and results: Prefect prints warnings and errors only,
+# while run logs (get_run_logger, INFO) still reach the API and the UI, the library's own
+# (`tasks.*`) among them; outside a run those stay local. Set by `main` before anything imports
+# dask or prefect (a variable the user set wins), and inherited by the Dask workers.
+CLI_ENVIRONMENT = {
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+    "DASK_LOGGING__DISTRIBUTED": "warning",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    # Keep the terminal for progress bars and results: Prefect prints warnings and errors only,
-    # while run logs (get_run_logger, INFO) still reach the API and the UI. Set before anything
-    # imports dask or prefect, and inherited by the Dask workers.
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-    # The library's logs (`tasks.*`) are run logs too; outside a run they stay local.
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
-    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    for name, value in CLI_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
     # Imported after parsing: `--help` and usage errors need none of these.
     import logging

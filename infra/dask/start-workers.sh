@@ -160,7 +160,9 @@ for k in "${!NAMES[@]}"; do
         export CUDA_VISIBLE_DEVICES="${DEVICES[$k]}"
     fi
     if [[ $BACKGROUND -eq 1 ]]; then
-        setsid nohup "${CMD[@]}" >"$log" 2>&1 &
+        # Registration is counted from the log's INFO line below, whatever level the caller's
+        # environment asks of distributed (`fss` itself sets warning for its own workers).
+        DASK_LOGGING__DISTRIBUTED=info setsid nohup "${CMD[@]}" >"$log" 2>&1 &
         echo $! >"$RUN_DIR/worker-$name.pid"
         LOGS+=("$log")
     else
