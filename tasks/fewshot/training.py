@@ -402,7 +402,10 @@ def run_phase(cfg: TrainConfig, phase: Phase, run_dir: Path, *, model: nn.Module
                            pin_memory=device.type == "cuda")
 
     def objective(step: int) -> dict[str, torch.Tensor]:
-        batch = make_batch(next(batches), device, cache)
+        ready = next(batches)
+        if ready.step != step:  # the loader and the loop must agree on where the phase is
+            raise RuntimeError(f"loader at step {ready.step}, training at step {step}")
+        batch = make_batch(ready, device, cache)
         with _autocast(device):
             return {"loss": model.compute_objective(batch, cfg.ways)}
 
