@@ -577,3 +577,30 @@ def test_coco_tiny_fingerprint_and_describe(coco_tiny: Path):
     described = reader.describe()
     json.dumps(described)
     assert described["kind"] == "coco" and len(described["classes"]) == 81
+
+
+def test_scan_files_gives_the_same_facts_on_one_thread_a_pool_or_the_probe(tmp_path: Path,
+                                                                           monkeypatch):
+    """The probe's choice (one thread or a pool of chunks) never changes what listing learns,
+    nor its order; files missing or not images are reported the same way."""
+    from tasks.data import readers
+
+    images, others = [], []
+    for k in range(readers.SCAN_PROBE + 90):  # past the probe, so the pool gets chunks
+        path = tmp_path / f"{k:04d}.png"
+        Image.fromarray(np.full((8 + k % 5, 9, 3), k % 256, np.uint8)).save(path)
+        (images if k % 3 else others).append(str(path))
+    images += [str(tmp_path / "missing.jpg")]
+    (tmp_path / "notes.txt").write_text("not an image")
+    images += [str(tmp_path / "notes.txt")]
+    serial = readers.scan_files(images, others, threads=1)
+    assert list(serial) == images + others
+    assert (serial[images[0]].height, serial[images[0]].width) == (9, 9)  # k = 1: 8 + 1 rows
+    assert serial[str(tmp_path / "missing.jpg")].digest == readers.MISSING
+    assert serial[str(tmp_path / "notes.txt")].height is None
+    expected = list(serial.items())
+    assert list(readers.scan_files(images, others, threads=3).items()) == expected
+    # In the page cache the probe stays on one thread; as if cold, the rest go to a pool.
+    assert list(readers.scan_files(images, others).items()) == expected
+    monkeypatch.setattr(readers, "_waited_on_io", lambda since: True)
+    assert list(readers.scan_files(images, others).items()) == expected

@@ -17,6 +17,8 @@ import json
 import math
 import os
 import re
+import resource
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -87,9 +89,12 @@ class FileFacts:
 
 MISSING = "missing"
 # Reading and hashing release the GIL, so threads overlap I/O latency (cold caches, network
-# file systems); header parsing holds it, so on a warm cache more threads than cores only
-# contend (benchmarks/fingerprint.py measures both).
+# file systems); header parsing holds it, so files in the page cache read 2-3x faster on one
+# thread than on a pool (benchmarks/fingerprint.py). `scan_files` reads the first
+# `SCAN_PROBE` files on one thread and hands the rest to `SCAN_THREADS` threads only when
+# those reads went to the device or spent most of their time waiting.
 SCAN_THREADS = min(16, 2 * len(os.sched_getaffinity(0)))
+SCAN_PROBE = 64
 
 
 def _file_facts(path: str, header: bool) -> FileFacts:
@@ -111,21 +116,48 @@ def _file_facts(path: str, header: bool) -> FileFacts:
 
 
 def scan_files(images: Sequence[str], others: Sequence[str] = (), *,
-               threads: int = SCAN_THREADS) -> dict[str, FileFacts]:
-    """Content digest of every file (and the header size of ``images``), read in parallel.
+               threads: int | None = None) -> dict[str, FileFacts]:
+    """Content digest of every file (and the header size of ``images``).
 
     One read per file: the digest makes a fingerprint that changes with any edit of a file's
-    bytes (sizes alone miss a mask edited to the same byte count).
+    bytes (sizes alone miss a mask edited to the same byte count). ``threads`` None: one
+    thread while the files come from the page cache, else `SCAN_THREADS` (see `SCAN_PROBE`);
+    a number forces that many.
     """
     wanted = {str(p): True for p in images}
     for p in others:
         wanted.setdefault(str(p), False)
     jobs = list(wanted.items())
+    facts: dict[str, FileFacts] = {}
+    if threads is None:
+        probe, jobs = jobs[:SCAN_PROBE], jobs[SCAN_PROBE:]
+        start = _io_clock()
+        facts.update((path, _file_facts(path, header)) for path, header in probe)
+        threads = SCAN_THREADS if _waited_on_io(start) else 1
     if threads <= 1 or len(jobs) < 2:
-        return {path: _file_facts(path, header) for path, header in jobs}
+        facts.update((path, _file_facts(path, header)) for path, header in jobs)
+        return facts
+    # A few jobs per thread, not one per file: a future per file costs more than its read.
+    size = max(16, -(-len(jobs) // (4 * threads)))
+    chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        facts = pool.map(lambda job: _file_facts(*job), jobs, chunksize=16)
-        return {path: f for (path, _), f in zip(jobs, facts, strict=True)}
+        for chunk_facts in pool.map(lambda chunk: [(path, _file_facts(path, header))
+                                                   for path, header in chunk], chunks):
+            facts.update(chunk_facts)
+    return facts
+
+
+def _io_clock() -> tuple[float, float, int]:
+    """(wall time, this thread's CPU time, blocks this thread read from a device) so far."""
+    usage = resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF))
+    return time.perf_counter(), time.thread_time(), usage.ru_inblock
+
+
+def _waited_on_io(since: tuple[float, float, int]) -> bool:
+    """Whether the reads since ``since`` (an `_io_clock`) went to a device, or spent most of
+    their time off the CPU (a network file system)."""
+    wall, cpu, blocks = _io_clock()
+    return blocks > since[2] or wall - since[0] > 3 * (cpu - since[1])
 
 
 class Reader:

@@ -1,0 +1,50 @@
+"""Dask workers' malloc settings and what `tasks.malloc` does about them, in fresh processes
+(malloc reads its environment once, at start)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+
+# 2,000 image-sized buffers (64 rows of 144 px RGB: 4 MB, and 256 KB ones) allocated, touched
+# and freed in turn, as an ingest worker does per shard and per image; prints the page faults.
+CHURN = """
+import json, resource, sys
+import numpy as np
+from tasks.malloc import keep_image_buffers_on_heap
+tuned = keep_image_buffers_on_heap() if sys.argv[1] == "tune" else False
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for k in range(2000):
+    a = np.ones(256 * 1024 if k % 50 else 64 * 144 * 144 * 3, np.uint8)
+    del a
+print(json.dumps({"tuned": tuned,
+                  "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+def churn(tune: bool, **env: str) -> dict:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env
+    out = subprocess.run([sys.executable, "-c", CHURN, "tune" if tune else "plain"], env=environ,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def test_a_dask_worker_environment_faults_in_every_buffer_until_tuned():
+    dask_env = {"MALLOC_TRIM_THRESHOLD_": "65536"}  # distributed.nanny.pre-spawn-environ
+    plain, worker = churn(False), churn(False, **dask_env)
+    tuned = churn(True, **dask_env)
+    assert tuned["tuned"] and not plain["tuned"]
+    assert worker["faults"] > 20 * max(plain["faults"], 100)  # the cost this module removes
+    assert tuned["faults"] < worker["faults"] / 20
+
+
+def test_tuning_leaves_other_processes_and_explicit_choices_alone():
+    assert not churn(True)["tuned"]  # glibc's dynamic thresholds are in effect: nothing to do
+    assert not churn(True, MALLOC_TRIM_THRESHOLD_="65536", MALLOC_MMAP_THRESHOLD_="131072")[
+        "tuned"]  # the user chose the threshold
