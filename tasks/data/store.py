@@ -70,10 +70,9 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import zarr
 from filelock import FileLock
 from numcodecs import Zstd
@@ -87,6 +86,9 @@ from zarr.errors import (
 )
 
 from models.conventions import IGNORE_INDEX
+
+if TYPE_CHECKING:  # pandas costs 0.25 s to import: writers (Dask workers) never need it
+    import pandas as pd
 
 # Layout of a dataset version. 2: original_masks ragged (one compressed blob per row), so
 # memory follows the image at hand; 1: padded to the dataset's largest image (still read).
@@ -1214,6 +1216,8 @@ class Dataset:
         self.summary: dict[str, Any] = dict(attrs.get("summary", {}))
         idx = {k: group[f"index/{k}"][:] for k in
                ("id", "split", "source_path", "status", "reason", "height", "width")}
+        import pandas as pd
+
         self.index = pd.DataFrame({k: np.asarray(v) for k, v in idx.items()})
         self.index["id"] = self.index["id"].astype(str)
         _require_unique_ids(self.index["id"].to_numpy(), f"dataset {self.name}/{self.version}")
@@ -1455,6 +1459,8 @@ def read_index(store_url: str, name: str, version: str, shard: int | None = None
     if shard is not None:
         size = int(g.attrs["shard_size"])
         rows = slice(shard * size, (shard + 1) * size)
+    import pandas as pd
+
     df = pd.DataFrame({k: np.asarray(g[f"index/{k}"][rows]) for k in _INDEX_COLUMNS})
     df["id"] = df["id"].astype(str)
     df.index = np.arange(df.shape[0]) + (rows.start or 0)
