@@ -1,7 +1,7 @@
 """Ingest and episode-read benchmarks. Prints ratios of variants measured side by side.
 
     .venv/bin/python benchmarks/ingest.py [--images 2000] [--repeats 3] [--parts abc]
-                                          [--e2e-images 5000]
+                                          [--e2e-images 5000] [--sources voc500 --size 417]
 
 (a) ingest scaling: the real Prefect flow on 1 and 2 Dask workers vs a bare one-process
     decode + resize loop and the shard function in one process over the same files, with the
@@ -10,7 +10,10 @@
     store (cold and warm shard cache) vs per-episode PIL loading; (c) peak RSS of the shard
     ingest path at N and 4N images. Variants are interleaved and each figure is the median of
     --repeats runs, because the box is shared and timings are noisy: read the ratios.
-Generated data, stores and Prefect state live under --workdir (it git-ignores itself).
+Sources: the synthetic benchmark's 144 px squares (``--sources synth``, train and val), or
+VOC-like 500x375 JPEGs (``--sources voc500``, one split; `benchmarks/reads.py` makes them), where
+decoding weighs more against the store's own cost per image. Generated data, stores and Prefect
+state live under --workdir (it git-ignores itself).
 """
 
 from __future__ import annotations
@@ -43,9 +46,18 @@ SPLITS = ["train", "val"]
 CORES = len(os.sched_getaffinity(0))
 
 
-def synth_voc(workdir: Path, n: int, size: int, seed: int) -> Path:
-    """The synthetic benchmark (n images, 20 % val) in VOC layout, generated once and cached."""
+def synth_voc(workdir: Path, n: int, size: int, seed: int, sources: str = "synth") -> Path:
+    """The synthetic benchmark (n images, 20 % val) in VOC layout, or (``sources="voc500"``) n
+    VOC-like 500x375 items in one split; generated once and cached."""
     from tasks.data.synth import synthesize
+
+    if sources == "voc500":
+        from reads import write_sources  # a sibling module
+
+        t0 = time.perf_counter()
+        root = write_sources(workdir / f"voc500-{n}-s{seed}", n, 500, 375, seed)
+        print(f"VOC-like sources: {root} ({time.perf_counter() - t0:.1f} s)")
+        return root
 
     root = workdir / f"synth-{n}-{size}-s{seed}"
     t0 = time.perf_counter()
@@ -352,6 +364,8 @@ def main() -> None:
     p.add_argument("--mem-factor", type=int, default=4, help="(c) compares N and N x this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parts", default="abc", help="which parts to run, e.g. 'ab'")
+    p.add_argument("--sources", choices=["synth", "voc500"], default="synth",
+                   help="144 px synthetic squares, or VOC-like 500x375 JPEGs (use --size 417)")
     p.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / ".work")
     p.add_argument("--child-ingest", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--child-store", help=argparse.SUPPRESS)
@@ -368,17 +382,19 @@ def main() -> None:
     print(f"machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} cores "
           f"({len(os.sched_getaffinity(0))} usable), {psutil.virtual_memory().total / 2**30:.0f}"
           f" GiB, load average {os.getloadavg()[0]:.1f}; Python {platform.python_version()}")
-    voc = synth_voc(args.workdir, args.images, args.size, args.seed)
+    if args.sources == "voc500":
+        SPLITS[:] = ["train"]
+    voc = synth_voc(args.workdir, args.images, args.size, args.seed, args.sources)
     a = part_a(args, voc, args.repeats) if "a" in args.parts else None
     b = part_b(args, voc) if "b" in args.parts else None
     c = part_c(args, voc) if "c" in args.parts else None
     e = None
     if args.e2e_images:
-        big = synth_voc(args.workdir, args.e2e_images, args.size, args.seed)
+        big = synth_voc(args.workdir, args.e2e_images, args.size, args.seed, args.sources)
         e = part_a(args, big, 1, tag="a, end to end", stages=False)
 
-    print(f"\n## Summary ({args.images} images at {args.size} px, {os.cpu_count()} cores, load "
-          f"average {os.getloadavg()[0]:.1f} at the end)\n")
+    print(f"\n## Summary ({args.images} {args.sources} images at {args.size} px, "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end)\n")
     print("| benchmark | measured | goal |\n| --- | --- | --- |")
     if a:
         print(f"| ingest flow, 2 workers vs bare 1-process loop, steady state ({a['n']} images) "
