@@ -244,3 +244,25 @@ def test_shard_is_done_reads_one_flag(tmp_path: Path) -> None:
     assert [store.shard_is_done(url, "d", spec.version, k) for k in range(3)] == [
         False, True, False]
     assert store.done_shards(url, "d", spec.version) == {1}
+
+
+def test_a_shard_writer_reads_done_flags_from_their_files_as_zarr_reads_them(
+        tmp_path: Path) -> None:
+    """`ShardWriter.is_done` (the flag's file, on a local folder) agrees with zarr-python's
+    read; a flag file it does not recognise is left to zarr-python."""
+    n = 3 * ROWS
+    spec, url = _spec(n), str(tmp_path / "s.zarr")
+    store.create_dataset(url, spec)
+    writer = store.ShardWriter(url, "d", spec.version)
+    writer.write(2, _results(n - 2 * ROWS))
+    flags = writer.arrays["shard_done"]
+    assert isinstance(flags, store._ArrayWriter)  # the fast path is the one under test
+    assert [flags.holds(k, store._DONE) for k in range(3)] == [False, False, True]
+    zarr_says = [store.shard_is_done(url, "d", spec.version, k) for k in range(3)]
+    assert [writer.is_done(k) for k in range(3)] == zarr_says == [False, False, True]
+    # The same flag, written by zarr-python with other codec settings: not this writer's
+    # bytes, so it asks zarr-python, which decodes it.
+    flag_file = tmp_path / "s.zarr" / flags._key(0)
+    flag_file.parent.mkdir(parents=True, exist_ok=True)
+    flag_file.write_bytes(b"\x01")
+    assert flags.holds(0, store._DONE) is None

@@ -218,13 +218,15 @@ def load_item(reader: Reader, item: Item, size: int,
 
 
 def ingest_shard(store_url: str, name: str, version: str, shard: int, items: Sequence[Item],
-                 readers: dict[str, Reader], size: int,
-                 resize: str = defaults.RESIZE) -> ShardReport:
-    """Process and write one shard; a no-op when the shard is already complete."""
-    if store.shard_is_done(store_url, name, version, shard):
+                 readers: dict[str, Reader], size: int, resize: str = defaults.RESIZE,
+                 writer: store.ShardWriter | None = None) -> ShardReport:
+    """Process and write one shard; a no-op when the shard is already complete. ``writer``:
+    the version's, opened once for a run of shards."""
+    writer = writer or store.ShardWriter(store_url, name, version)
+    if writer.is_done(shard):
         return ShardReport(shard=shard, skipped=True)
     results = [load_item(readers[item.split], item, size, resize) for item in items]
-    store.write_shard(store_url, name, version, shard, results)
+    writer.write(shard, results)
     report = ShardReport(shard=shard)
     for item, result in zip(items, results, strict=True):
         if result.ok:
@@ -240,7 +242,9 @@ def ingest_shards(store_url: str, name: str, version: str, shards: Sequence[int]
     """`ingest_shard` for several shards one after another (``items[i]`` are the items of
     ``shards[i]``): what one task of the ingest flow runs on a Dask worker."""
     keep_image_buffers_on_heap()  # a Dask worker's malloc settings fault in every image
-    return [ingest_shard(store_url, name, version, shard, shard_items, readers, size, resize)
+    writer = store.ShardWriter(store_url, name, version)
+    return [ingest_shard(store_url, name, version, shard, shard_items, readers, size, resize,
+                         writer)
             for shard, shard_items in zip(shards, items, strict=True)]
 
 
@@ -271,8 +275,9 @@ def ingest_dataset(source: str, root: str, store_url: str, name: str, *,
     plan = plan_ingest(readers, name, size=size, shard_size=shard_size, max_pixels=max_pixels,
                        resize=resize)
     store.create_dataset(store_url, plan.spec)
-    reports = [ingest_shard(store_url, name, plan.spec.version, k, plan.shard_items(k),
-                            plan.readers, size, resize) for k in range(plan.spec.n_shards)]
+    reports = ingest_shards(store_url, name, plan.spec.version, range(plan.spec.n_shards),
+                            [plan.shard_items(k) for k in range(plan.spec.n_shards)],
+                            plan.readers, size, resize)
     return summarize(reports, plan, store.finalize_dataset(store_url, name, plan.spec.version))
 
 

@@ -529,19 +529,19 @@ class _KeyWriter:
     def __init__(self, store: Any):
         """``store``: a zarr store, or the path of a local store's folder."""
         self.store = store
-        self._local = (os.path.join(store, "") if isinstance(store, str)
-                       else os.path.join(store.root, "")
-                       if isinstance(store, zarr.storage.LocalStore) else None)
+        self.local = (os.path.join(store, "") if isinstance(store, str)
+                      else os.path.join(store.root, "")
+                      if isinstance(store, zarr.storage.LocalStore) else None)
 
     def put(self, key: str, parts: Sequence[Any]) -> None:
-        if self._local is None:
+        if self.local is None:
             from zarr.core.buffer import default_buffer_prototype
 
             blob = b"".join(bytes(p) if not isinstance(p, bytes) else p for p in parts)
             zarr.core.sync.sync(self.store.set(
                 key, default_buffer_prototype().buffer.from_bytes(blob)))
             return
-        path = self._local + key
+        path = self.local + key
         os.makedirs(os.path.dirname(path), exist_ok=True)
         temp = f"{path}.{uuid.uuid4().hex}.partial"  # zarr-python's own LocalStore does so too
         try:
@@ -555,11 +555,11 @@ class _KeyWriter:
             raise
 
     def delete(self, key: str) -> None:
-        if self._local is None:
+        if self.local is None:
             zarr.core.sync.sync(self.store.delete(key))
             return
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._local + key)
+            os.unlink(self.local + key)
 
 
 class _ArrayWriter:
@@ -651,6 +651,23 @@ class _ArrayWriter:
         from zarr.core.buffer.cpu import NDBuffer
 
         return NDBuffer.from_numpy_array(chunk).all_equal(fill)
+
+    def holds(self, block: int, values: np.ndarray) -> bool | None:
+        """Whether chunk ``block`` of an unsharded array in a local folder is stored with
+        ``values`` (not the fill value), read from its file: True when its bytes are those
+        this writer writes for them, False when there is no such file; None when this cannot
+        tell (ask zarr-python)."""
+        local = self._keys.local
+        if self.plan["sharded"] or local is None:
+            return None
+        try:
+            with open(local + self._key(block), "rb") as f:
+                stored = f.read()
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return None
+        return True if stored == bytes(self.plan["encode"](values)) else None
 
     def _key(self, block: int) -> str:
         chunk = self.metadata.encode_chunk_key((block,) + (0,) * (len(self.shape) - 1))
@@ -786,61 +803,86 @@ def _write_rows(array: _ArrayWriter | zarr.Array, start: int, values: np.ndarray
     array.write(start, values)
 
 
+_DONE = np.ones(1, np.uint8)  # a shard's done flag, as written
+
+
 def write_shard(store_url: str, name: str, version: str, shard: int,
                 results: Sequence[ItemResult]) -> None:
     """Write all rows of one shard, then mark it done. The caller owns the whole shard."""
-    g = _GroupForWrite(store_url, _version_path(name, version))
-    layout = int(g.attrs.get("layout", 1))
-    if layout < 2:
-        raise StoreError(f"{name}/{version} has the padded layout {layout} of an older "
-                         "version of this tool: it is read, not written; rerun its ingest, "
-                         "which makes a new version")
-    arrays = {key: g.array(key) for key in (
-        "images", "masks", "original_masks", "index/status", "index/reason", "index/height",
-        "index/width", "index/class_pixels", "shard_done")}
-    if "resize" in g.attrs:  # versions made before index/box existed resume without it
-        arrays["index/box"] = g.array("index/box")
-    rows = int(g.attrs["shard_size"])
-    start = shard * rows
-    stop = start + len(results)
-    n_rows = arrays["images"].shape[0]
-    if stop > n_rows or (stop - start != rows and stop != n_rows):
-        raise StoreError(f"shard {shard} of {name}/{version} must hold rows {start}..{stop}")
-    n, s = len(results), int(g.attrs["size"])
-    max_pixels = g.attrs["params"].get("max_pixels")
-    n_classes = arrays["index/class_pixels"].shape[1]
-    images = np.zeros((n, s, s, 3), np.uint8)
-    masks = np.full((n, s, s), IGNORE_INDEX, np.uint8)
-    originals = np.full(n, b"", dtype=object)  # compressed, one label at a time
-    status = np.full(n, QUARANTINED, np.uint8)
-    reasons = [r.reason for r in results]
-    heights = np.zeros(n, np.int32)
-    widths = np.zeros(n, np.int32)
-    class_pixels = np.zeros((n, n_classes), np.int64)
-    boxes = np.zeros((n, 4), np.int32)
-    for i, r in enumerate(results):
-        if not r.ok:
-            continue
-        h, w = r.original_mask.shape
-        if max_pixels is not None and h * w > max_pixels:  # the header said less
-            status[i], reasons[i] = QUARANTINED, (
-                f"label {w}x{h} has {h * w:,} pixels, over the limit of {max_pixels:,} "
-                "(max_pixels)")
-            continue
-        images[i], masks[i] = r.image, r.mask
-        originals[i] = encode_original_mask(r.original_mask)
-        heights[i], widths[i], status[i] = h, w, INGESTED
-        boxes[i] = r.box if r.box is not None else (0, 0, s, s)
-        class_pixels[i] = label_histogram(r.original_mask)[:n_classes]
-    # Whole-shard writes: each call covers exactly one shard, so no read-modify-write races.
-    columns = {"images": images, "masks": masks, "original_masks": originals,
-               "index/status": status, "index/reason": np.asarray(reasons, dtype=str),
-               "index/height": heights, "index/width": widths,
-               "index/class_pixels": class_pixels, "index/box": boxes}
-    for key, values in columns.items():
-        if key in arrays:
-            _write_rows(arrays[key], start, values)
-    _write_rows(arrays["shard_done"], shard, np.ones(1, np.uint8))  # last: the shard is done
+    ShardWriter(store_url, name, version).write(shard, results)
+
+
+class ShardWriter:
+    """Whole-shard writes into one dataset version, for a run of shards: its arrays are opened
+    once (~4 ms a shard otherwise), and on a local folder a done flag is read from its file
+    (~4 ms through zarr-python)."""
+
+    def __init__(self, store_url: str, name: str, version: str):
+        self.store_url, self.name, self.version = store_url, name, version
+        g = _GroupForWrite(store_url, _version_path(name, version))
+        self.layout = int(g.attrs.get("layout", 1))
+        if self.layout < 2:
+            raise StoreError(f"{name}/{version} has the padded layout {self.layout} of an "
+                             "older version of this tool: it is read, not written; rerun its "
+                             "ingest, which makes a new version")
+        self.arrays = {key: g.array(key) for key in (
+            "images", "masks", "original_masks", "index/status", "index/reason",
+            "index/height", "index/width", "index/class_pixels", "shard_done")}
+        if "resize" in g.attrs:  # versions made before index/box existed resume without it
+            self.arrays["index/box"] = g.array("index/box")
+        self.attrs = g.attrs
+
+    def is_done(self, shard: int) -> bool:
+        """`shard_is_done`, from the flag's own file where this writer can tell."""
+        flags = self.arrays["shard_done"]
+        known = flags.holds(shard, _DONE) if isinstance(flags, _ArrayWriter) else None
+        return known if known is not None else shard_is_done(self.store_url, self.name,
+                                                             self.version, shard)
+
+    def write(self, shard: int, results: Sequence[ItemResult]) -> None:
+        """Write all rows of one shard, then mark it done. The caller owns the whole shard."""
+        name, version, arrays = self.name, self.version, self.arrays
+        rows = int(self.attrs["shard_size"])
+        start = shard * rows
+        stop = start + len(results)
+        n_rows = arrays["images"].shape[0]
+        if stop > n_rows or (stop - start != rows and stop != n_rows):
+            raise StoreError(f"shard {shard} of {name}/{version} must hold rows {start}..{stop}")
+        n, s = len(results), int(self.attrs["size"])
+        max_pixels = self.attrs["params"].get("max_pixels")
+        n_classes = arrays["index/class_pixels"].shape[1]
+        images = np.zeros((n, s, s, 3), np.uint8)
+        masks = np.full((n, s, s), IGNORE_INDEX, np.uint8)
+        originals = np.full(n, b"", dtype=object)  # compressed, one label at a time
+        status = np.full(n, QUARANTINED, np.uint8)
+        reasons = [r.reason for r in results]
+        heights = np.zeros(n, np.int32)
+        widths = np.zeros(n, np.int32)
+        class_pixels = np.zeros((n, n_classes), np.int64)
+        boxes = np.zeros((n, 4), np.int32)
+        for i, r in enumerate(results):
+            if not r.ok:
+                continue
+            h, w = r.original_mask.shape
+            if max_pixels is not None and h * w > max_pixels:  # the header said less
+                status[i], reasons[i] = QUARANTINED, (
+                    f"label {w}x{h} has {h * w:,} pixels, over the limit of {max_pixels:,} "
+                    "(max_pixels)")
+                continue
+            images[i], masks[i] = r.image, r.mask
+            originals[i] = encode_original_mask(r.original_mask)
+            heights[i], widths[i], status[i] = h, w, INGESTED
+            boxes[i] = r.box if r.box is not None else (0, 0, s, s)
+            class_pixels[i] = label_histogram(r.original_mask)[:n_classes]
+        # Whole-shard writes: each call covers exactly one shard, so no read-modify-write races.
+        columns = {"images": images, "masks": masks, "original_masks": originals,
+                   "index/status": status, "index/reason": np.asarray(reasons, dtype=str),
+                   "index/height": heights, "index/width": widths,
+                   "index/class_pixels": class_pixels, "index/box": boxes}
+        for key, values in columns.items():
+            if key in arrays:
+                _write_rows(arrays[key], start, values)
+        _write_rows(arrays["shard_done"], shard, _DONE)  # last: the shard is done
 
 
 def label_histogram(label: np.ndarray) -> np.ndarray:
