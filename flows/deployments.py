@@ -62,7 +62,7 @@ def ingest_deployment(source: str = "voc", root: str = f"{defaults.SYNTH_OUT}/vo
                       list_file: str | None = None, workers: int = defaults.WORKERS,
                       dask_address: str | None = None,
                       resize: str = defaults.RESIZE) -> dict[str, Any]:
-    """Ingest a VOC- or COCO-format dataset into the store (one Dask task per shard)."""
+    """Ingest a VOC- or COCO-format dataset into the store (runs of shards on Dask)."""
     from flows.ingest import run_ingest
 
     return run_ingest(workers=workers, dask_address=dask_address, source=source,

@@ -1,6 +1,7 @@
 """One fan-out loop for the shard flows (ingest, features, pseudo): submit one Prefect task per
 unit of work, follow them with a tqdm bar and a Prefect progress artifact, collect the results as
-they complete."""
+they complete. The units are contiguous runs of shards (`shard_groups`), each handed to Dask as
+one plain call by a Prefect task in the flow's process."""
 
 from __future__ import annotations
 
@@ -65,6 +66,24 @@ def group_units(units: Sequence[Unit], n_groups: int) -> list[list[Unit]]:
         groups.append(list(units[start:stop]))
         start = stop
     return [g for g in groups if g]
+
+
+def shard_groups(client: Any, shards: Sequence[int]) -> list[list[int]]:
+    """``shards`` in contiguous runs, one Prefect task each: `TASKS_PER_SLOT` per thread of the
+    cluster behind ``client``, at most `MAX_TASKS_IN_FLIGHT` (one shard a run when there are
+    fewer shards). No shards, no runs: ``client`` is then not used (and may be None)."""
+    if not shards:
+        return []
+    return group_units(shards, min(MAX_TASKS_IN_FLIGHT, dask_slots(client) * TASKS_PER_SLOT))
+
+
+def shard_run_name(prefix: str) -> Callable[..., str]:
+    """A Prefect ``task_run_name`` for a task with ``name`` and ``shards`` parameters:
+    ``<prefix> <name> shards 0-3`` (`shard_label`)."""
+    def run_name(parameters: dict[str, Any]) -> str:  # Prefect passes a task's parameters
+        return f"{prefix} {parameters['name']} {shard_label(parameters['shards'])}"
+
+    return run_name
 
 
 def shard_label(shards: Sequence[int]) -> str:

@@ -12,26 +12,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from flows.fanout import (
-    MAX_TASKS_IN_FLIGHT,
-    TASKS_PER_SLOT,
-    artifact_slug,
-    dask_slots,
-    fan_out,
-    group_units,
-    shard_label,
-)
+from flows.fanout import MAX_TASKS_IN_FLIGHT, artifact_slug, fan_out, shard_groups, shard_run_name
 from flows.runtime import dask_client
 from tasks import defaults
 from tasks.data import ingest, store
 from tasks.data.readers import Item, Reader, make_reader
-
-
-def _task_run_name() -> str:
-    from prefect.runtime import task_run
-
-    p = task_run.parameters
-    return f"ingest {p['name']} {shard_label(p['shards'])}"
 
 
 # Where the ~7 ms of CPU per image of one Prefect task a shard on the Dask workers went
@@ -45,7 +30,7 @@ def _task_run_name() -> str:
 # lists and readers go in `quote`: Prefect would otherwise walk every item twice a task,
 # looking for upstream futures (~0.2 ms of CPU an image, benchmarks/ingest.py).
 @task(name="ingest-shards", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
-      task_run_name=_task_run_name)
+      task_run_name=shard_run_name("ingest"))
 def ingest_shards_task(client: Any, store_url: str, name: str, version: str, shards: list[int],
                        items: list[list[Item]], readers: dict[str, Reader], size: int,
                        resize: str = "square") -> list[ingest.ShardReport]:
@@ -82,13 +67,11 @@ def ingest_flow(source: str, root: str, store_url: str, name: str,
     todo = [k for k in range(spec.n_shards) if k not in done]
     # A rerun with every shard done starts no cluster.
     with dask_client(workers, dask_address) if todo else contextlib.nullcontext() as client:
-        groups = group_units(todo, min(MAX_TASKS_IN_FLIGHT, dask_slots(client) * TASKS_PER_SLOT)
-                             ) if todo else []
         results = fan_out(
             lambda shards: ingest_shards_task.submit(
                 client, store_url, name, spec.version, shards,
                 quote([plan.shard_items(k) for k in shards]), quote(plan.readers), size, resize),
-            groups, total=spec.n_shards, done=len(done),
+            shard_groups(client, todo), total=spec.n_shards, done=len(done),
             artifact_key=f"ingest-{artifact_slug(name)}",
             description=f"shards of {name}/{spec.version} written", label=f"ingest {name}",
             progress=progress, weight=len)

@@ -196,7 +196,9 @@ def _local_cluster_kwargs(workers: int) -> dict[str, Any]:
 def task_runner(workers: int = WORKERS, dask_address: str | None = None):  # -> DaskTaskRunner
     """A Dask task runner: an existing scheduler when an address is given, else a LocalCluster.
 
-    The address may also come from `FSS_DASK_ADDRESS`, so scaled-out runs need no code change.
+    For flows whose Prefect tasks run on the Dask workers (the ablation: one coarse task per
+    point); the shard flows use `dask_client`. The address may also come from
+    `FSS_DASK_ADDRESS`, so scaled-out runs need no code change.
     """
     from prefect_dask import DaskTaskRunner
 
@@ -208,18 +210,24 @@ def task_runner(workers: int = WORKERS, dask_address: str | None = None):  # -> 
 
 
 @contextlib.contextmanager
-def dask_client(workers: int = WORKERS, dask_address: str | None = None):  # -> Iterator[Client]
+def dask_client(workers: int = WORKERS, dask_address: str | None = None, *,
+                resources: dict[str, float] | None = None):  # -> Iterator[Client]
     """A Dask client of an existing scheduler (the address, or `FSS_DASK_ADDRESS`), else of a
     LocalCluster of ``workers`` processes that lives as long as the context.
 
-    For flows whose Prefect tasks run in the flow's process and hand the work to Dask as plain
-    functions (flows/ingest.py): the workers then never import Prefect nor run its task engine.
+    For the shard flows (ingest, features, pseudo), whose Prefect tasks run in the flow's
+    process and hand the work to Dask as plain functions: the workers then never import Prefect
+    nor run its task engine. Every worker of a LocalCluster started here declares
+    ``resources`` (``{"GPU": 1}`` for GPU work); an external cluster's workers declare their
+    own (`dask worker --resources GPU=1`).
     """
     from distributed import Client, LocalCluster
 
     address = dask_address or os.environ.get(DASK_ADDRESS_ENV)
     with contextlib.ExitStack() as stack:
         if not address:
-            cluster = stack.enter_context(LocalCluster(**_local_cluster_kwargs(workers)))
+            kwargs = _local_cluster_kwargs(workers) | ({"resources": resources} if resources
+                                                       else {})
+            cluster = stack.enter_context(LocalCluster(**kwargs))
             address = cluster.scheduler_address
         yield stack.enter_context(Client(address, set_as_default=False))

@@ -15,7 +15,7 @@ STORE = "data/store.zarr"  # Zarr store path or fsspec URL
 REPORT_DIR = "reports"  # summary tables, plots and cluster reports
 SEED = 0
 
-# Dask LocalCluster worker processes: the data stages fan out one task per shard; an ablation
+# Dask LocalCluster worker processes: the data stages fan out runs of shards; an ablation
 # runs one training per worker, so one keeps a small machine usable.
 WORKERS = 2
 ABLATION_WORKERS = 1

@@ -280,7 +280,13 @@ def test_features_and_pseudo_flows_on_local_cluster(
             again = run_pseudo(dask_address=address, embedder=SPEC, store_url=url,
                                name="synth", k=6, seed=1, sample_size=2000,
                                experiment="pseudo-test", progress=False)
-    assert sorted(map(str, gpu.values())) == ["{'GPU': 1}"] * 4, gpu  # the 4 shard tasks
+            with monkeypatch.context() as m:  # nothing left to do: no Dask client at all
+                m.setattr("distributed.Client", None)
+                idle = run_pseudo(dask_address=address, embedder=SPEC, store_url=url,
+                                  name="synth", k=6, seed=1, sample_size=2000, report=False,
+                                  progress=False)
+    # The 4 shards in 4 runs of one (2 workers x TASKS_PER_SLOT), each holding a GPU.
+    assert sorted(map(str, gpu.values())) == ["{'GPU': 1}"] * 4, gpu
     assert {"GPU": 1} not in [r for k, r in plugin.seen.items() if k not in gpu]
     out = capsys.readouterr().out
     assert f"features {fkey} of synth" in out and "4 shards written (55 images)" in out
@@ -289,6 +295,8 @@ def test_features_and_pseudo_flows_on_local_cluster(
     assert again["features_run"]["shards_written"] == 0
     assert again["kmeans"] == {"skipped": True} and again["shards_written"] == 0
     assert again["complete"] and again["report"]["purity"] > 0
+    assert idle["features_run"]["shards_written"] == idle["shards_written"] == 0
+    assert idle["complete"] and idle["kmeans"] == {"skipped": True} and idle["report"] is None
     report = Path(again["report_files"][0])
     assert report.is_file() and report.parent.name == again["key"]
     runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name(

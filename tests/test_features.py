@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
@@ -190,19 +191,80 @@ def test_parse_embedder(tmp_path: Path) -> None:
         parse_embedder(str(tmp_path / "missing.pth"))
 
 
-def test_gpu_on_a_local_cluster_declares_one_gpu_per_worker(monkeypatch) -> None:
-    import flows.features as ff
+class FakeDask:
+    """Stands in for `distributed`'s LocalCluster and Client: records what a flow asks of them
+    and runs each submitted call at once, in this process."""
 
-    seen = {}
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, threads: int = 1) -> None:
+        import distributed
 
-    class Flow:
-        def with_options(self, task_runner):
-            seen["runner"] = task_runner
-            return lambda **params: seen.setdefault("params", params)
+        self.clusters: list[dict] = []
+        self.clients: list[str] = []
+        self.calls: list[tuple] = []  # (function, shards, resources)
+        fake = self
 
-    monkeypatch.setattr(ff, "features_flow", Flow())
-    ff.run_features(workers=1, gpu=True, store_url="s", name="n", embedder=SPEC)
-    assert seen["runner"].cluster_kwargs["resources"] == {"GPU": 1}
-    assert seen["params"]["gpu"] is True
-    ff.run_features(workers=1, gpu=False, store_url="s", name="n", embedder=SPEC)
-    assert "resources" not in seen["runner"].cluster_kwargs
+        class LocalCluster:
+            def __init__(self, **kwargs) -> None:
+                fake.clusters.append(kwargs)
+                self.scheduler_address = "tcp://127.0.0.1:1"
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc) -> None:
+                pass
+
+        class Client(LocalCluster):
+            def __init__(self, address: str, **kwargs) -> None:
+                fake.clients.append(address)
+
+            def nthreads(self) -> dict[str, int]:
+                return {"tcp://127.0.0.1:2": threads}
+
+            def submit(self, fn, *args, resources=None, pure=True):
+                fake.calls.append((fn, list(args[4]), resources))
+                value = fn(*args)
+                return types.SimpleNamespace(result=lambda: value)
+
+        monkeypatch.setattr(distributed, "LocalCluster", LocalCluster)
+        monkeypatch.setattr(distributed, "Client", Client)
+
+
+def test_a_local_cluster_for_gpu_work_declares_one_gpu_per_worker(monkeypatch) -> None:
+    from flows.runtime import dask_client
+
+    fake = FakeDask(monkeypatch)
+    with dask_client(2, resources={"GPU": 1}):
+        pass
+    with dask_client(2):
+        pass
+    with dask_client(2, "tcp://10.0.0.1:8786", resources={"GPU": 1}):
+        pass  # an external cluster's workers declare their own resources
+    assert [c.get("resources") for c in fake.clusters] == [{"GPU": 1}, None]
+    assert fake.clusters[0]["n_workers"] == 2
+    assert fake.clients == ["tcp://127.0.0.1:1"] * 2 + ["tcp://10.0.0.1:8786"]
+
+
+@pytest.mark.slow
+def test_features_flow_hands_runs_of_shards_to_dask_and_a_rerun_starts_no_cluster(
+        fresh_store: tuple[str, str], prefect_api_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``gpu``: a LocalCluster whose workers hold a GPU each, every call asking for one."""
+    from flows.features import run_features
+    from flows.runtime import DASK_ADDRESS_ENV, prefect_api
+
+    url, _ = fresh_store
+    monkeypatch.delenv(DASK_ADDRESS_ENV, raising=False)
+    fake = FakeDask(monkeypatch, threads=1)  # 1 thread: TASKS_PER_SLOT = 2 runs of 2 shards
+    params = dict(workers=1, gpu=True, store_url=url, name="synth", embedder=SPEC,
+                  progress=False)
+    with prefect_api():
+        first = run_features(**params)
+        calls = sorted((fn.__name__, shards, r) for fn, shards, r in fake.calls)
+        again = run_features(**params)
+    assert [c["resources"] for c in fake.clusters] == [{"GPU": 1}]
+    assert calls == [("extract_shards", [0, 1], {"GPU": 1}),
+                     ("extract_shards", [2, 3], {"GPU": 1})]
+    assert first["complete"] and first["shards_written"] == 4 and first["images"] == 56
+    assert len(fake.clusters) == 1 and len(fake.clients) == 1  # nothing left: no cluster
+    assert again["shards_written"] == 0 and again["shards_skipped"] == 4 and again["complete"]

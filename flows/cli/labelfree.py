@@ -89,7 +89,7 @@ def add_features_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=defaults.FEATURES_BATCH,
                    help="images per forward pass")
     p.add_argument("--gpu", action="store_true",
-                   help="request one Dask GPU resource per shard task")
+                   help="each run of shards holds one Dask GPU resource")
     add_cluster_arguments(p)
     p.set_defaults(func=cmd_features, runs_flows=True)
     return p

@@ -1,7 +1,7 @@
 """Pseudo masks without labels: spherical k-means on pixel features, refined in superpixels.
 
 Steps (UMTFSS, Li et al. AAAI 2024, §3.2), each a plain function; `flows/pseudo.py` runs them on
-a Dask cluster:
+a Dask cluster (k-means driven from the flow's process, assignment in runs of shards):
 
 1. ``sample_shard``: a seeded random sample of L2-normalised feature pixels of one shard (only
    images of the fitting splits, "train" by default, so test images never shape the clusters).
@@ -45,6 +45,7 @@ from skimage.segmentation import felzenszwalb
 
 from tasks import defaults, jsonsafe
 from tasks.data import store
+from tasks.malloc import keep_image_buffers_on_heap
 
 KIND = "pseudo"
 MASK, COUNTS, SPANS, PROTOTYPES = "mask", "counts", "spans", "prototypes"
@@ -390,6 +391,14 @@ def assign_shard(store_url: str, name: str, version: str, key: str,
         out[PROTOTYPES][i] = masked_prototypes(f, mask, k, stride)
     store.write_derived_shard(store_url, name, version, key, shard, out)
     return ShardReport(shard=shard, images=int(ok.sum()), seconds=time.perf_counter() - t0)
+
+
+def assign_shards(store_url: str, name: str, version: str, key: str,
+                  shards: Sequence[int]) -> list[ShardReport]:
+    """`assign_shard` for several shards one after another: what one task of the pseudo flow
+    runs on a Dask worker."""
+    keep_image_buffers_on_heap()  # a Dask worker's malloc settings fault in every buffer
+    return [assign_shard(store_url, name, version, key, shard) for shard in shards]
 
 
 def background_clusters(spans: np.ndarray, counts: np.ndarray, size: int, *,

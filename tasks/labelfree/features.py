@@ -1,10 +1,11 @@
 """Features: a frozen embedder applied to every image of a dataset version, one shard at a time.
 
-Plain functions; `flows/features.py` fans `extract_shard` out over Dask with one Prefect task per
-shard. The output is a derived array ``features-<hash>`` of shape (N, D, h, w) float16 (unit
-norm per pixel before rounding), row-aligned with the dataset. Its key hashes the embedder spec
-with the checkpoint's *content* digest instead of its path, so new weights under an old path make
-a new key. Only images and the index are read here, never a label array.
+Plain functions; `flows/features.py` hands contiguous runs of shards to Dask workers, one
+`extract_shards` call each (the embedder is built once per worker process, `get_embedder`). The
+output is a derived array ``features-<hash>`` of shape (N, D, h, w) float16 (unit norm per pixel
+before rounding), row-aligned with the dataset. Its key hashes the embedder spec with the
+checkpoint's *content* digest instead of its path, so new weights under an old path make a new
+key. Only images and the index are read here, never a label array.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import functools
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import torch
 from tasks import defaults
 from tasks.data import store
 from tasks.labelfree.embeddings import Embedder, load_embedder
+from tasks.malloc import keep_image_buffers_on_heap
 
 KIND = "features"
 FIELD = "features"
@@ -123,3 +126,12 @@ def extract_shard(store_url: str, name: str, version: str, key: str, shard: int,
         out[batch] = embedder.embed(images[batch]).to(torch.float16).numpy()
     store.write_derived_shard(store_url, name, version, key, shard, {FIELD: out})
     return ShardReport(shard=shard, images=len(rows), seconds=time.perf_counter() - t0)
+
+
+def extract_shards(store_url: str, name: str, version: str, key: str, shards: Sequence[int],
+                   spec: dict[str, Any], batch_size: int = DEFAULT_BATCH) -> list[ShardReport]:
+    """`extract_shard` for several shards one after another: what one task of the features
+    flow runs on a Dask worker."""
+    keep_image_buffers_on_heap()  # a Dask worker's malloc settings fault in every buffer
+    return [extract_shard(store_url, name, version, key, shard, spec, batch_size)
+            for shard in shards]
