@@ -7,9 +7,11 @@ allocation of 128 KiB or more then becomes a fresh ``mmap`` whose pages fault in
 and freeing it unmaps them again. Decoded images, resized rows and encode buffers are that
 size, so an ingest worker spent ~0.5 ms of system CPU per 144 px image on page faults
 (``benchmarks/ingest.py``; 1.17 M minor faults for 5,000 images against 4 K without the
-variable). This sets the two thresholds where glibc's own dynamic rule would settle for
-buffers of up to `MMAP_THRESHOLD`: those stay on the heap, and the heap's free top goes back
-to the OS beyond twice that (glibc's rule), a few MiB per worker instead of 64 KiB.
+variable); a features worker ~4 ms per image in torch's activations (small_resnet, batch
+32: 2.3-2.7 s of system CPU for 512 images, 0.2-0.4 s once tuned). This sets the two thresholds
+where glibc's dynamic rule can settle at most: buffers up to `MMAP_THRESHOLD` stay on the heap,
+and the heap's free top goes back to the OS beyond twice that, 64 MiB per worker at most
+instead of 64 KiB.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 
 log = logging.getLogger(__name__)
 
-MMAP_THRESHOLD = 4 * 2**20  # above one 144 px shard of images (64 x 144 x 144 x 3 bytes)
+MMAP_THRESHOLD = 32 * 2**20  # glibc's ceiling for its dynamic threshold on 64-bit systems
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
 # Setting any of these turns the dynamic mmap threshold off (mallopt(3), M_MMAP_THRESHOLD).
 _STATIC_PARAMETERS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
