@@ -391,7 +391,7 @@ def main() -> None:
     e = None
     if args.e2e_images:
         big = synth_voc(args.workdir, args.e2e_images, args.size, args.seed, args.sources)
-        e = part_a(args, big, 1, tag="a, end to end", stages=False)
+        e = part_a(args, big, 1, tag="a, end to end")
 
     print(f"\n## Summary ({args.images} {args.sources} images at {args.size} px, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end)\n")
