@@ -94,11 +94,18 @@ def voc_readers(voc: Path, splits: list[str]) -> list[Reader]:
     return [make_reader("voc", voc, s) for s in splits]
 
 
+STANDING_PIDS: list[int] = []  # the workers of part (a)'s standing cluster, while it runs
+
+
 def cpu_by_role() -> dict[str, float]:
     """CPU seconds so far of this process (the flow and, for a LocalCluster, the Dask
-    scheduler), its reaped children (Dask workers once their cluster closed) and the Prefect
-    server (started by prefect_api() unless PREFECT_API_URL is set)."""
-    roles = {}
+    scheduler), its reaped children (Dask workers once their cluster closed), the Prefect
+    server (started by prefect_api() unless PREFECT_API_URL is set) and the workers of the
+    standing cluster (alive, so not yet in the reaped children)."""
+    roles = {"standing": 0.0}
+    for pid in STANDING_PIDS:
+        with contextlib.suppress(psutil.Error):
+            roles["standing"] += sum(psutil.Process(pid).cpu_times()[:2])
     for role, who in (("flow", resource.RUSAGE_SELF), ("workers", resource.RUSAGE_CHILDREN)):
         usage = resource.getrusage(who)
         roles[role] = usage.ru_utime + usage.ru_stime
@@ -150,20 +157,23 @@ class Watcher(threading.Thread):
 
 
 def timed_flow(workers: int, voc: Path, url: str, version: str, n_shards: int,
-               args: argparse.Namespace) -> dict[str, float]:
+               args: argparse.Namespace, dask_address: str | None = None) -> dict[str, float]:
     from flows.ingest import run_ingest
 
     shutil.rmtree(url, ignore_errors=True)
     cpu = cpu_by_role()
     watch = Watcher(url, version)
     watch.start()
-    summary = run_ingest(workers=workers, source="voc", root=str(voc), store_url=url, name=NAME,
-                         splits=SPLITS, size=args.size, shard_size=args.shard_size,
-                         progress=False)
+    summary = run_ingest(workers=workers, dask_address=dask_address, source="voc",
+                         root=str(voc), store_url=url, name=NAME, splits=SPLITS, size=args.size,
+                         shard_size=args.shard_size, progress=False)
     total = time.perf_counter() - watch.t0
     watch.stop.set()
     watch.join()
     cpu = {k: v - cpu[k] for k, v in cpu_by_role().items()}
+    standing = cpu.pop("standing")  # idle unless this run used them
+    if dask_address:
+        cpu["workers"] += standing
     assert summary["complete"] and summary["ingested"] == summary["listed"], summary
     seen = [(t, d) for t, d in watch.samples if d > 0] or [(total, n_shards)]
     t_first, d_first = seen[0]
@@ -190,9 +200,10 @@ def part_a(args: argparse.Namespace, voc: Path, repeats: int, tag: str = "a",
     n, version = len(plan.items), plan.spec.version
     stores = args.workdir / "stores"
     serial_url = str(stores / "serial.zarr")
-    runs: dict[str, list[dict[str, float]]] = {"bare": [], "serial": [], "1": [], "2": []}
+    runs: dict[str, list[dict[str, float]]] = {"bare": [], "serial": [], "1": [], "2": [],
+                                               "2s": []}
     t0 = time.perf_counter()
-    with prefect_api():
+    with prefect_api(), standing_cluster(2) as standing_address:
         server_s = time.perf_counter() - t0
         for rep in range(repeats):  # interleaved: each repeat runs every variant once
             runs["bare"].append(measure(lambda: bare_loop(plan.items, plan.readers, args.size)))
@@ -202,19 +213,22 @@ def part_a(args: argparse.Namespace, voc: Path, repeats: int, tag: str = "a",
             for w in (1, 2):
                 runs[str(w)].append(timed_flow(w, voc, str(stores / f"flow{w}.zarr"), version,
                                                plan.spec.n_shards, args))
+            runs["2s"].append(timed_flow(2, voc, str(stores / "flow2s.zarr"), version,
+                                         plan.spec.n_shards, args, standing_address))
             print(f"  repeat {rep + 1}/{repeats}: " + ", ".join(
                 f"{k} {n / r[-1]['total']:.0f} img/s" for k, r in runs.items()), flush=True)
-    for leftover in ("serial.zarr", "flow1.zarr"):  # flow2.zarr is kept for part (b)
+    for leftover in ("serial.zarr", "flow1.zarr", "flow2s.zarr"):  # flow2.zarr is kept for part (b)
         shutil.rmtree(stores / leftover, ignore_errors=True)
     med = {k: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for k, rs in runs.items()}
     b, b_cpu = n / med["bare"]["total"], med["bare"]["cpu"]
     shard_fn_cpu = med["serial"]["cpu"]
     labels = {"bare": "bare loop: load + resize, 1 process",
               "serial": "shard fn: + store write, 1 process",
-              "1": "flow, 1 Dask worker", "2": "flow, 2 Dask workers"}
+              "1": "flow, 1 Dask worker", "2": "flow, 2 Dask workers",
+              "2s": "flow, 2 workers of a standing cluster"}
     rows: list[list[object]] = []
     for k, m in med.items():
-        flow = k in ("1", "2")
+        flow = k in FLOWS
         rows.append([labels[k], n / m["total"], n / m["total"] / b, 1e3 * m["cpu"] / n,
                      1e3 * (m["cpu"] - shard_fn_cpu) / n if flow else "-",
                      b_cpu / m["cpu"] * CORES,
@@ -238,14 +252,37 @@ def part_a(args: argparse.Namespace, voc: Path, repeats: int, tag: str = "a",
               ["variant", "this process (flow, Dask scheduler)", "Dask workers",
                "Prefect server", "total"],
               [[labels[k], 1e3 * med[k]["cpu_flow"] / n, 1e3 * med[k]["cpu_workers"] / n,
-                1e3 * med[k]["cpu_server"] / n, 1e3 * med[k]["cpu"] / n] for k in ("1", "2")]
+                1e3 * med[k]["cpu_server"] / n, 1e3 * med[k]["cpu"] / n] for k in FLOWS]
               + [[labels["serial"], 1e3 * shard_fn_cpu / n, "-", "-", 1e3 * shard_fn_cpu / n]])
     two = med["2"]
     return {"n": n, "e2e": n / two["total"] / b, "steady": two["steady"] / b,
             "bound": b_cpu / two["cpu"] * CORES, "scaling": two["steady"] / med["1"]["steady"],
             "overhead": 1e3 * (two["cpu"] - shard_fn_cpu) / n,
             "overhead1": 1e3 * (med["1"]["cpu"] - shard_fn_cpu) / n,
+            "standing": 1e3 * (med["2s"]["cpu"] - shard_fn_cpu) / n,
+            "standing_steady": med["2s"]["steady"] / b, "standing_e2e": n / med["2s"]["total"] / b,
             "extra_cpu": {w: med[w]["cpu"] - shard_fn_cpu for w in ("1", "2")}}
+
+
+FLOWS = ("1", "2", "2s")
+
+
+@contextlib.contextmanager
+def standing_cluster(workers: int):  # -> Iterator[str]
+    """A LocalCluster that outlives the flow runs, as a deployment's `FSS_DASK_ADDRESS` cluster
+    does; its workers have imported the ingest code once, as after an earlier run."""
+    from distributed import Client, LocalCluster
+
+    from flows.runtime import _local_cluster_kwargs
+
+    with LocalCluster(**_local_cluster_kwargs(workers)) as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        client.run(lambda: __import__("tasks.data.ingest"))
+        STANDING_PIDS[:] = list(client.run(os.getpid).values())
+        try:
+            yield cluster.scheduler_address
+        finally:
+            STANDING_PIDS.clear()
 
 
 def serial_ingest(root: Path, url: str, size: int, shard_size: int, splits: list[str]) -> int:
@@ -406,6 +443,9 @@ def main() -> None:
         print(f"| ingest flow, 2 vs 1 worker (steady state) | {a['scaling']:.2f}x | >= 1.7x |")
         print(f"| flow overhead, CPU ms per image (2 workers / 1 worker) | "
               f"{a['overhead']:.2f} / {a['overhead1']:.2f} | <= 0.5 |")
+        print(f"| 2 workers of a standing cluster: vs bare steady / end to end; flow overhead "
+              f"CPU ms per image | {a['standing_steady']:.2f}x / {a['standing_e2e']:.2f}x; "
+              f"{a['standing']:.2f} | - |")
     if e:
         print(f"| ingest flow, 2 workers vs bare, end to end ({e['n']} images) | "
               f"{e['e2e']:.2f}x | >= 1.2x |")
