@@ -1,4 +1,4 @@
-"""glibc's malloc, tuned back for image work where Dask has tuned it for memory release.
+"""glibc's malloc, tuned back for image and tensor work where Dask tuned it for memory release.
 
 A Dask nanny starts its workers with ``MALLOC_TRIM_THRESHOLD_`` set (the
 ``distributed.nanny.pre-spawn-environ`` config), so that freed memory goes back to the OS.
@@ -8,7 +8,9 @@ and freeing it unmaps them again. Decoded images, resized rows and encode buffer
 size, so an ingest worker spent ~0.5 ms of system CPU per 144 px image on page faults
 (``benchmarks/ingest.py``; 1.17 M minor faults for 5,000 images against 4 K without the
 variable); a features worker ~4 ms per image in torch's activations (small_resnet, batch
-32: 2.3-2.7 s of system CPU for 512 images, 0.2-0.4 s once tuned). This sets the two thresholds
+32: 2.3-2.7 s of system CPU for 512 images, 0.2-0.4 s once tuned); and an ablation point
+trained on a Dask worker ran ~30 % slower (batch 8 at 144 px, one thread: PANet 1.49 against
+2.12 steps/s, MetaSegNet 1.04 against 1.45; 2.19 and 1.46 once tuned). This sets the two thresholds
 where glibc's dynamic rule can settle at most: buffers up to `MMAP_THRESHOLD` stay on the heap,
 and the heap's free top goes back to the OS beyond twice that, 64 MiB per worker at most
 instead of 64 KiB.
@@ -31,7 +33,7 @@ _STATIC_PARAMETERS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_
 _tuned = False
 
 
-def keep_image_buffers_on_heap() -> bool:
+def keep_large_buffers_on_heap() -> bool:
     """Raise glibc's mmap and trim thresholds in this process when its environment fixed them
     at 128 KiB and less (a Dask worker's does), unless the user set ``MALLOC_MMAP_THRESHOLD_``
     themselves. Idempotent; returns whether they are (now) raised. A no-op off glibc."""

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 CHURN = """
 import json, resource, sys
 import numpy as np
-from tasks.malloc import keep_image_buffers_on_heap
-tuned = keep_image_buffers_on_heap() if sys.argv[1] == "tune" else False
+from tasks.malloc import keep_large_buffers_on_heap
+tuned = keep_large_buffers_on_heap() if sys.argv[1] == "tune" else False
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for k in range(2000):
     a = np.ones(256 * 1024 if k % 50 else 64 * 144 * 144 * 3, np.uint8)

@@ -30,6 +30,7 @@ from tasks.fewshot.training import (
 )
 from tasks.jsonsafe import write_json, write_text
 from tasks.loop import load_state
+from tasks.malloc import keep_large_buffers_on_heap
 from tasks.study.tracking import Tracker, code_version
 
 RESULT = "result.json"
@@ -80,6 +81,7 @@ def metric_prefix(cfg: TrainConfig, result: EvalResult) -> str:
 def run_point(cfg: TrainConfig, *, parent_run_id: str | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Train and evaluate one point; returns its result (read back when already done)."""
+    keep_large_buffers_on_heap()  # an ablation's points train on Dask workers
     ds = open_dataset(cfg.store, cfg.dataset)
     name = run_name(cfg, f"{ds.name}/{ds.version}")
     run_dir = Path(cfg.out_dir) / name
