@@ -18,11 +18,14 @@ instead of 64 KiB.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ def keep_large_buffers_on_heap() -> bool:
             or not any(name in os.environ for name in _STATIC_PARAMETERS)):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = _libc()
         _tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                       and libc.mallopt(_M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD))
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
@@ -53,3 +56,21 @@ def keep_large_buffers_on_heap() -> bool:
         log.debug("malloc mmap threshold raised to %d bytes, trim threshold to twice that",
                   MMAP_THRESHOLD)
     return _tuned
+
+
+@contextlib.contextmanager
+def large_buffers_on_heap() -> Iterator[None]:
+    """`keep_large_buffers_on_heap` for the block, then the heap's free memory back to the OS
+    (``malloc_trim``), as Dask's setting meant: a worker keeps what it reuses while a task runs,
+    not between tasks."""
+    tuned = keep_large_buffers_on_heap()
+    try:
+        yield
+    finally:
+        if tuned:
+            _libc().malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

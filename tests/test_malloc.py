@@ -48,3 +48,28 @@ def test_tuning_leaves_other_processes_and_explicit_choices_alone():
     assert not churn(True)["tuned"]  # glibc's dynamic thresholds are in effect: nothing to do
     assert not churn(True, MALLOC_TRIM_THRESHOLD_="65536", MALLOC_MMAP_THRESHOLD_="131072")[
         "tuned"]  # the user chose the threshold
+
+
+# Inside `large_buffers_on_heap`, 1 MiB buffers live on the heap; half of them freed leave
+# holes that the heap keeps; leaving the block hands them back (malloc_trim). Prints RSS, MiB.
+HOLES = """
+import json, sys
+import numpy as np
+import psutil
+from tasks.malloc import large_buffers_on_heap
+rss = lambda: psutil.Process().memory_info().rss / 2**20
+with large_buffers_on_heap():
+    kept = [np.ones(2**20, np.uint8) for _ in range(300)]
+    del kept[::2]  # every other buffer freed: holes below the ones still alive
+    inside = rss()
+after = rss()
+print(json.dumps({"inside": inside, "after": after}))
+"""
+
+
+def test_leaving_the_block_hands_the_heap_s_free_memory_back():
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", HOLES], capture_output=True, text=True,
+                         check=True, env=environ | {"MALLOC_TRIM_THRESHOLD_": "65536"}).stdout
+    rss = json.loads(out)
+    assert rss["inside"] - rss["after"] > 100  # ~150 MiB of holes returned

@@ -19,7 +19,7 @@ from PIL import Image
 from tasks import defaults
 from tasks.data import store
 from tasks.data.readers import BadItem, DatasetError, Item, Reader
-from tasks.malloc import keep_large_buffers_on_heap
+from tasks.malloc import large_buffers_on_heap
 
 DEFAULT_SIZE = defaults.INGEST_SIZE
 DEFAULT_SHARD_SIZE = defaults.SHARD_SIZE
@@ -241,11 +241,11 @@ def ingest_shards(store_url: str, name: str, version: str, shards: Sequence[int]
                   resize: str = defaults.RESIZE) -> list[ShardReport]:
     """`ingest_shard` for several shards one after another (``items[i]`` are the items of
     ``shards[i]``): what one task of the ingest flow runs on a Dask worker."""
-    keep_large_buffers_on_heap()  # a Dask worker's malloc settings fault in every image
     writer = store.ShardWriter(store_url, name, version)
-    return [ingest_shard(store_url, name, version, shard, shard_items, readers, size, resize,
-                         writer)
-            for shard, shard_items in zip(shards, items, strict=True)]
+    with large_buffers_on_heap():  # a Dask worker's malloc settings fault in every image
+        return [ingest_shard(store_url, name, version, shard, shard_items, readers, size,
+                             resize, writer)
+                for shard, shard_items in zip(shards, items, strict=True)]
 
 
 def default_splits(source: str, root: str) -> list[str]:

@@ -30,7 +30,7 @@ from tasks.fewshot.training import (
 )
 from tasks.jsonsafe import write_json, write_text
 from tasks.loop import load_state
-from tasks.malloc import keep_large_buffers_on_heap
+from tasks.malloc import large_buffers_on_heap
 from tasks.study.tracking import Tracker, code_version
 
 RESULT = "result.json"
@@ -81,13 +81,13 @@ def metric_prefix(cfg: TrainConfig, result: EvalResult) -> str:
 def run_point(cfg: TrainConfig, *, parent_run_id: str | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Train and evaluate one point; returns its result (read back when already done)."""
-    keep_large_buffers_on_heap()  # an ablation's points train on Dask workers
     ds = open_dataset(cfg.store, cfg.dataset)
     name = run_name(cfg, f"{ds.name}/{ds.version}")
     run_dir = Path(cfg.out_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
     # A second process on the same point waits here, then reads the first one's result.
-    with FileLock(run_dir / ".lock"):
+    # An ablation's points train on Dask workers, whose malloc settings fault in every tensor.
+    with FileLock(run_dir / ".lock"), large_buffers_on_heap():
         return _run_point_locked(cfg, ds, name, run_dir, parent_run_id, progress)
 
 

@@ -45,7 +45,7 @@ from skimage.segmentation import felzenszwalb
 
 from tasks import defaults, jsonsafe
 from tasks.data import store
-from tasks.malloc import keep_large_buffers_on_heap
+from tasks.malloc import large_buffers_on_heap
 
 KIND = "pseudo"
 MASK, COUNTS, SPANS, PROTOTYPES = "mask", "counts", "spans", "prototypes"
@@ -397,8 +397,8 @@ def assign_shards(store_url: str, name: str, version: str, key: str,
                   shards: Sequence[int]) -> list[ShardReport]:
     """`assign_shard` for several shards one after another: what one task of the pseudo flow
     runs on a Dask worker."""
-    keep_large_buffers_on_heap()  # a Dask worker's malloc settings fault in every buffer
-    return [assign_shard(store_url, name, version, key, shard) for shard in shards]
+    with large_buffers_on_heap():  # a Dask worker's malloc settings fault in every buffer
+        return [assign_shard(store_url, name, version, key, shard) for shard in shards]
 
 
 def background_clusters(spans: np.ndarray, counts: np.ndarray, size: int, *,

@@ -25,7 +25,7 @@ import torch
 from tasks import defaults
 from tasks.data import store
 from tasks.labelfree.embeddings import Embedder, load_embedder
-from tasks.malloc import keep_large_buffers_on_heap
+from tasks.malloc import large_buffers_on_heap
 
 KIND = "features"
 FIELD = "features"
@@ -132,6 +132,6 @@ def extract_shards(store_url: str, name: str, version: str, key: str, shards: Se
                    spec: dict[str, Any], batch_size: int = DEFAULT_BATCH) -> list[ShardReport]:
     """`extract_shard` for several shards one after another: what one task of the features
     flow runs on a Dask worker."""
-    keep_large_buffers_on_heap()  # a Dask worker's malloc settings fault in every buffer
-    return [extract_shard(store_url, name, version, key, shard, spec, batch_size)
-            for shard in shards]
+    with large_buffers_on_heap():  # a Dask worker's malloc settings fault in every buffer
+        return [extract_shard(store_url, name, version, key, shard, spec, batch_size)
+                for shard in shards]
