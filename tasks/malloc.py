@@ -10,10 +10,10 @@ size, so an ingest worker spent ~0.5 ms of system CPU per 144 px image on page f
 variable); a features worker ~4 ms per image in torch's activations (small_resnet, batch
 32: 2.3-2.7 s of system CPU for 512 images, 0.2-0.4 s once tuned); and an ablation point
 trained on a Dask worker ran ~30 % slower (batch 8 at 144 px, one thread: PANet 1.49 against
-2.12 steps/s, MetaSegNet 1.04 against 1.45; 2.19 and 1.46 once tuned). This sets the two thresholds
-where glibc's dynamic rule can settle at most: buffers up to `MMAP_THRESHOLD` stay on the heap,
-and the heap's free top goes back to the OS beyond twice that, 64 MiB per worker at most
-instead of 64 KiB.
+2.12 steps/s, MetaSegNet 1.04 against 1.45; 2.19 and 1.46 once tuned). This sets the two
+thresholds where glibc's dynamic rule can settle at most: buffers up to `MMAP_THRESHOLD` stay
+on the heap, and the heap's free top goes back to the OS beyond twice that; at the end of each
+worker call (`large_buffers_on_heap`) ``malloc_trim`` hands back the rest of the free memory.
 """
 
 from __future__ import annotations
