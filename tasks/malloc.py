@@ -60,9 +60,9 @@ def keep_large_buffers_on_heap() -> bool:
 
 @contextlib.contextmanager
 def large_buffers_on_heap() -> Iterator[None]:
-    """`keep_large_buffers_on_heap` for the block, then the heap's free memory back to the OS
-    (``malloc_trim``), as Dask's setting meant: a worker keeps what it reuses while a task runs,
-    not between tasks."""
+    """Run the block with `keep_large_buffers_on_heap` (which lasts for the process), then
+    hand the heap's free memory back to the OS (``malloc_trim``), as Dask's setting meant: a
+    worker keeps what it reuses while a task runs, not after it."""
     tuned = keep_large_buffers_on_heap()
     try:
         yield
