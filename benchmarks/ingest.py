@@ -271,16 +271,13 @@ FLOWS = ("1", "2", "2s")
 def standing_cluster(workers: int):  # -> Iterator[str]
     """A LocalCluster that outlives the flow runs, as a deployment's `FSS_DASK_ADDRESS` cluster
     does; its workers have imported the ingest code once, as after an earlier run."""
-    from distributed import Client, LocalCluster
+    from flows.runtime import dask_client
 
-    from flows.runtime import _local_cluster_kwargs
-
-    with LocalCluster(**_local_cluster_kwargs(workers)) as cluster, \
-            Client(cluster, set_as_default=False) as client:
+    with dask_client(workers, dask_address=None) as client:
         client.run(lambda: __import__("tasks.data.ingest"))
         STANDING_PIDS[:] = list(client.run(os.getpid).values())
         try:
-            yield cluster.scheduler_address
+            yield client.scheduler.address
         finally:
             STANDING_PIDS.clear()
 
@@ -289,9 +286,9 @@ def serial_ingest(root: Path, url: str, size: int, shard_size: int, splits: list
     """The shard function path of the flow's workers, one shard after another in this process."""
     plan = ingest.plan_ingest(voc_readers(root, splits), NAME, size=size, shard_size=shard_size)
     store.create_dataset(url, plan.spec)
-    for k in range(plan.spec.n_shards):
-        ingest.ingest_shard(url, NAME, plan.spec.version, k, plan.shard_items(k), plan.readers,
-                            size)
+    shards = range(plan.spec.n_shards)
+    ingest.ingest_shards(url, NAME, plan.spec.version, shards,
+                         [plan.shard_items(k) for k in shards], plan.readers, size)
     assert store.finalize_dataset(url, NAME, plan.spec.version)["complete"]
     return len(plan.items)
 
