@@ -53,11 +53,12 @@ def test_tuning_leaves_other_processes_and_explicit_choices_alone():
 # Inside `large_buffers_on_heap`, 1 MiB buffers live on the heap; half of them freed leave
 # holes that the heap keeps; leaving the block hands them back (malloc_trim). Prints RSS, MiB.
 HOLES = """
-import json, sys
+import json, os
 import numpy as np
-import psutil
 from tasks.malloc import large_buffers_on_heap
-rss = lambda: psutil.Process().memory_info().rss / 2**20
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 with large_buffers_on_heap():
     kept = [np.ones(2**20, np.uint8) for _ in range(300)]
     del kept[::2]  # every other buffer freed: holes below the ones still alive
