@@ -42,6 +42,8 @@ SHARD = 4  # 56 images -> 14 shards: enough tasks to kill a worker while most ar
 EMBEDDER = {"kind": "backbone", "backbone": "small_resnet", "layer": "layer4",
             "checkpoint": None}
 TINY_MODEL = {"embed_dim": 16, "global_dim": 32, "local_dim": 16}
+# Dask workers that take longer per shard (tests/slow_shards.py), so a kill lands mid-run.
+SLOW_WORKERS = {"DASK_DISTRIBUTED__WORKER__PRELOAD": repr([str(ROOT / "tests" / "slow_shards.py")])}
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -263,7 +265,8 @@ def test_ingest_survives_a_killed_dask_worker(synth_root: Path, tmp_path: Path,
     clean_url, flow_url = str(tmp_path / "clean.zarr"), str(tmp_path / "flow.zarr")
     version = _clean_ingest(synth_root, clean_url)
     n_shards = _plan(synth_root).spec.n_shards
-    with dask_cluster(2, tmp_path, _env(PREFECT_API_URL=prefect_api_url)) as (address, workers):
+    env = _env(PREFECT_API_URL=prefect_api_url, **SLOW_WORKERS)
+    with dask_cluster(2, tmp_path, env) as (address, workers):
         killer = WorkerKiller(address, workers, lambda: 1 <= len(
             store.done_shards(flow_url, NAME, version)) < n_shards - 2)
         killer.start()
@@ -319,7 +322,8 @@ def test_features_survive_a_killed_dask_worker(synth_root: Path, tmp_path: Path,
     for k in range(plan.n_shards):  # the reference, in this process (one torch thread)
         features.extract_shard(clean_url, NAME, version, plan.key, k, spec)
 
-    with dask_cluster(2, tmp_path, _env(PREFECT_API_URL=prefect_api_url)) as (address, workers):
+    env = _env(PREFECT_API_URL=prefect_api_url, **SLOW_WORKERS)
+    with dask_cluster(2, tmp_path, env) as (address, workers):
         killer = WorkerKiller(address, workers, lambda: 1 <= len(store.done_shards(
             flow_url, NAME, version, derived=plan.key)) < plan.n_shards - 2)
         killer.start()
@@ -359,7 +363,7 @@ def test_killed_ingest_cli_resumes_and_leaves_nothing_behind(synth_root: Path,
     version = _clean_ingest(synth_root, clean_url)
     n_shards = _plan(synth_root).spec.n_shards
     # No PREFECT_API_URL: the CLI starts (and must clean up) its own temporary server.
-    env = _env(FSS_HOME=str(tmp_path / "fss-home"))
+    env = _env(FSS_HOME=str(tmp_path / "fss-home"), **SLOW_WORKERS)
     env.pop("PREFECT_API_URL", None)
     cmd = [*FSS, "ingest", "--source", "voc", "--root", str(_voc(synth_root)), "--name", NAME,
            "--store", url, "--size", str(SIZE), "--shard-size", str(SHARD), "--workers", "1"]
