@@ -85,6 +85,8 @@ def test_ablation_tracks_parent_and_children_and_resumes(
         assert {"model", "budget", "fold", "shots", "ways", "seed"} <= set(child.data.tags)
         assert {"test/miou", "test/fbiou"} <= set(child.data.metrics)
     assert sorted(c.data.tags["budget"] for c in children) == ["0", "0.5", "1"]
+    # Every point was scored on the same test episodes: what pairs budgets (and models).
+    assert len({c.data.tags["test.episodes"] for c in children}) == 1
     summary = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
     assert {"summary/summary.csv", "summary/summary.md", "summary/miou_vs_budget.png",
             "summary/estimate.csv", "summary/summary_table.json", "summary/report.html"} <= summary

@@ -149,6 +149,10 @@ def test_episodes_are_deterministic_per_seed_and_index(ds: store.Dataset) -> Non
     other = _sampler(ds, shots=2, seed=8)
     assert [a.draw(i) for i in range(20)] != [other.draw(i) for i in range(20)]
     assert len({a.draw(i)[2] for i in range(20)}) > 5  # episodes vary with the index
+    # The digest names the episodes: equal for the same draws, else different.
+    assert a.digest(20) == b.digest(20) == reordered.digest(20)
+    assert len({a.digest(20), a.digest(19), other.digest(20),
+                _sampler(ds, shots=1, seed=7).digest(20)}) == 4
 
 
 def test_one_way_test_episodes_share_classes_fairly(ds: store.Dataset) -> None:

@@ -363,3 +363,102 @@ def test_episode_rows_that_disagree_with_the_logged_miou_are_flagged() -> None:
     results.loc[0, "miou"] += 0.01
     summary = report.build_summary(results, tables, n_boot=50)
     assert any("!= logged test/miou" in w for w in summary.warnings)
+
+
+# --- model against model ----------------------------------------------------------------------
+
+
+def _two_models(rng: np.random.Generator, gain: float, n: int = 300,
+                seeds: tuple[str, ...] = ("0", "1", "2")) -> tuple[list[Run], list[Run]]:
+    """Model A = model B + ``gain`` on every episode of one shared test set, plus small
+    per-episode noise: the episodes' difficulty (0.2..0.9) dwarfs the gain."""
+    difficulty, union, classes = _test_set(rng, n)
+    out: tuple[list[Run], list[Run]] = ([], [])
+    for runs, shift in zip(out, (gain, 0.0), strict=True):
+        for seed in seeds:
+            for budget in (0.0, 1.0):
+                iou = np.clip(difficulty + shift + rng.normal(0, 0.01, n), 0, 1)
+                runs.append(_run(_episode_table(iou, union, classes), budget, seed))
+    return out
+
+
+def test_comparing_models_pairs_their_episodes() -> None:
+    """A 2-point gain over 300 shared episodes whose difficulty spreads over 0.2..0.9: the paired
+    interval finds it, drawing the two models' episodes apart does not."""
+    runs_a, runs_b = _two_models(np.random.default_rng(11), gain=0.02)
+    paired = intervals.compare_models(runs_a, runs_b, n_boot=1000)
+    unpaired = intervals.compare_models(runs_a, runs_b, n_boot=1000, paired=False)
+    assert paired.budgets.tolist() == [0.0, 1.0]
+    assert paired.point == pytest.approx([0.02, 0.02], abs=0.004)
+    assert paired.point == pytest.approx(unpaired.point)
+    (lo, hi), (ulo, uhi) = paired.interval(), unpaired.interval()
+    assert (lo > 0).all() and (ulo < 0).all() and (uhi > 0).all()
+    assert ((hi - lo) < 0.3 * (uhi - ulo)).all()
+    assert [n.tolist() for n in paired.n_runs] == [[3, 3], [3, 3]]
+    assert paired.n_episodes.tolist() == [300, 300]
+
+
+def test_equal_models_compare_as_noise_and_seeds_are_not_paired_across_models() -> None:
+    runs_a, runs_b = _two_models(np.random.default_rng(12), gain=0.0)
+    lo, hi = intervals.compare_models(runs_a, runs_b, n_boot=500).interval()
+    assert (lo < 0).all() and (hi > 0).all()
+    # Model B with one seed, A with three: compared all the same (seeds are each model's own).
+    found = intervals.compare_models(runs_a, [r for r in runs_b if r.seed == "0"], n_boot=50)
+    assert [n.tolist() for n in found.n_runs] == [[3, 3], [1, 1]]
+    with pytest.raises(ValueError, match="share no budget"):
+        intervals.compare_models([r for r in runs_a if r.budget == 0.0],
+                                 [r for r in runs_b if r.budget == 1.0], n_boot=10)
+
+
+def _with_baseline(rng: np.random.Generator) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """`_study` for PANet, and a UMT scored on the same episodes 5 points higher."""
+    panet, tables = _study(rng)
+    umt = panet.copy()
+    umt["model"] = "umt"
+    umt["run_id"] = "umt-" + panet["run_id"]
+    for old, new in zip(panet["run_id"], umt["run_id"], strict=True):
+        table = tables[old].copy()
+        table["intersection"] = np.minimum(
+            table["union"], table["intersection"] + np.round(0.05 * table["union"])).astype(int)
+        tables[new] = table
+        umt.loc[umt["run_id"] == new, "miou"] = _run(table, 0.0).miou
+    results = pd.concat([panet, umt], ignore_index=True)
+    results["test_key"] = "pfenet-0123456789abcdef"
+    return results, tables
+
+
+def test_report_compares_each_model_with_the_baseline(tmp_path: Path) -> None:
+    results, tables = _with_baseline(np.random.default_rng(13))
+    summary = report.build_summary(results, tables, n_boot=300)
+    found = summary.comparisons
+    assert found["budget"].tolist() == [0.0, 0.05, 0.1, 0.2, 1.0]
+    assert set(found["model"]) == {"umt"} and set(found["baseline"]) == {"panet"}
+    assert (found["diff_lo"] > 0).all() and (found["verdict"] == "umt higher").all()
+    expected = (summary.table.query("model == 'umt'")["miou_mean"].to_numpy()
+                - summary.table.query("model == 'panet'")["miou_mean"].to_numpy())
+    assert found["diff"].to_numpy() == pytest.approx(expected)
+    markdown = report.to_markdown(summary)
+    assert "### Models compared at each budget" in markdown
+    assert "| 1 | 1 | 20 % | umt − panet | +" in markdown
+    assert "| umt higher | 2 vs 2 × 150 |" in markdown
+    assert "compare/umt-panet/1w1s/b0.2/diff_lo" in report.summary_metrics(summary)
+    paths = report.write_summary(summary, results, tmp_path, "two models")
+    assert "Models compared at each budget" in paths["html"].read_text()
+
+
+@pytest.mark.parametrize(("keys", "why"), [
+    (None, "not every run records its test episodes"),
+    ("mixed", "they were scored on different test episodes (fold 0: test.episodes"),
+])
+def test_models_on_unknown_or_different_episodes_are_not_compared(keys: str | None,
+                                                                  why: str) -> None:
+    results, tables = _with_baseline(np.random.default_rng(14))
+    if keys is None:
+        results = results.drop(columns="test_key")
+    else:  # UMT tested on another episode draw (say another test_seed)
+        results.loc[results["model"] == "umt", "test_key"] = "pfenet-fedcba9876543210"
+    summary = report.build_summary(results, tables, n_boot=50)
+    assert summary.comparisons.empty
+    assert any(w.startswith("1-way 1-shot: models not compared, " + why)
+               for w in summary.warnings), summary.warnings
+    assert "Models compared" not in report.to_markdown(summary)

@@ -23,6 +23,7 @@ worker draws it and in whatever order, so evaluation splits across workers repro
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -181,6 +182,16 @@ class EpisodeSampler:
             others = [i for i in self.eligible[c] if i != query]
             supports += [others[k] for k in rng.choice(len(others), self.shots, replace=False)]
         return classes, supports, query
+
+    def digest(self, n: int) -> str:
+        """What episodes ``0 .. n - 1`` are, as 16 hex digits: the dataset version and every
+        episode's classes, supports and query. Two runs whose test digests agree were scored on
+        the same episodes, which is what lets a bootstrap pair them (`tasks/study/intervals.py`)."""
+        h = hashlib.sha256(f"{self.dataset.name}/{self.dataset.version}\n".encode())
+        for index in range(n):
+            classes, supports, query = self.draw(index)
+            h.update(f"{classes}|{supports}|{query}\n".encode())
+        return h.hexdigest()[:16]
 
     def episode(self, index: int) -> Episode:
         """Episode ``index``: depends only on ``(seed, index)``."""

@@ -138,6 +138,7 @@ def _run_point_locked(cfg: TrainConfig, ds: Dataset, name: str, run_dir: Path,
         summary["dropped_classes"] = own.dropped
         tracker.set_tags({"test.classes": ",".join(own.per_class),
                           "test.dropped_classes": ",".join(own.dropped),
+                          "test.episodes": own.test_key,
                           "selection": fit.selection})
         best_val = {"val/best_miou": fit.best_val_miou} if math.isfinite(fit.best_val_miou) else {}
         tracker.log_metrics({"best_step": fit.best_step, "train/seconds": fit.seconds} | labels

@@ -144,6 +144,8 @@ class EvalResult:
     # (episode, class id, intersection, union) per episode class: what a bootstrap resamples
     episode_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # fold classes too rare to be scored
+    # The episodes and the scoring rule, hashed: equal keys, the same test (pairable runs).
+    test_key: str = ""
 
     def metrics(self, prefix: str) -> dict[str, float]:
         out = {f"{prefix}/miou": self.miou, f"{prefix}/fbiou": self.fbiou}
@@ -193,7 +195,8 @@ def evaluate(model: nn.Module, sampler: EpisodeSampler, *, episodes: int,
                       episodes=episodes, ways=sampler.ways, shots=sampler.shots,
                       seconds=time.perf_counter() - t0, samples=samples,
                       episode_rows=episode_rows,
-                      dropped=[class_names[c] for c in sampler.dropped_classes])
+                      dropped=[class_names[c] for c in sampler.dropped_classes],
+                      test_key=f"{scoring}-{sampler.digest(episodes)}")
 
 
 # --- training ----------------------------------------------------------------------------------

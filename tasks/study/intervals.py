@@ -23,6 +23,11 @@ draws cancel the noise the two budgets have in common (hard episodes are hard fo
 is what makes a small difference detectable. A single run still gets an interval, from its
 episodes alone.
 
+**Model against model** (`compare_models`): at each budget, one model's mIoU minus another's,
+when both were scored on the same test episodes (their ``test.episodes`` keys agree). Each
+replicate shares the episode draw between the two models and draws each model's seeds on its
+own: seeds are not shared across models, but episodes are.
+
 **Budget estimate.** A saturating power law with offset, miou(n) = a - b * n**(-c) (b, c > 0),
 fitted to the mean mIoU of the budgets with n > 0 labelled images, is inverted at 90 % and 95 %
 of the measured full-supervision mIoU; the fit is repeated on every bootstrap replicate's
@@ -290,6 +295,80 @@ def _combine_folds(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.full(np.shape(num), np.nan), where=den > 0)
+
+
+# --- one model against another ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelComparison:
+    """mIoU of model A minus model B at each budget both were run at, with its bootstrap
+    replicates: ``point`` (k,) and ``replicates`` (B, k) over ``budgets``, fractions."""
+
+    budgets: np.ndarray
+    point: np.ndarray
+    replicates: np.ndarray
+    n_runs: tuple[np.ndarray, np.ndarray]
+    n_episodes: np.ndarray
+    level: float = LEVEL
+
+    def interval(self) -> tuple[np.ndarray, np.ndarray]:
+        tail = 50 * (1 - self.level)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-nan columns -> nan
+            lo, hi = np.nanpercentile(self.replicates, [tail, 100 - tail], axis=0)
+        return lo, hi
+
+
+def compare_models(runs_a: Sequence[Run], runs_b: Sequence[Run], *, n_boot: int = N_BOOT,
+                   seed: int = 0, paired: bool = True, level: float = LEVEL) -> ModelComparison:
+    """Model A's mIoU minus model B's at each budget both have, over the folds both have.
+
+    The runs of a fold must be aligned on the same episodes and classes (one `runs_from_tables`
+    call for both models) and scored on the same test episodes (equal ``test.episodes`` tags;
+    the caller checks). Each replicate draws the fold's episodes once for both models (paired:
+    a hard episode is hard for both) and each model's seeds on their own (seed 0 of one model
+    has nothing to do with seed 0 of the other). ``paired=False`` draws the episodes
+    independently per model: only there to show what pairing buys (tests).
+    """
+    budgets = np.array(sorted({r.budget for r in runs_a} & {r.budget for r in runs_b}))
+    folds = sorted({r.fold for r in runs_a} & {r.fold for r in runs_b})
+    if not len(budgets) or not folds:
+        raise ValueError("the two models share no budget and fold to compare")
+    rng = np.random.default_rng(seed)
+    point_parts, rep_parts, n_episodes = [], [], np.zeros(len(budgets), int)
+    for fold in folds:
+        fold_a = [r for r in runs_a if r.fold == fold and r.budget in budgets]
+        fold_b = [r for r in runs_b if r.fold == fold and r.budget in budgets]
+        if not fold_a or not fold_b:
+            continue
+        n_eps = fold_a[0].intersection.shape[0]
+        if fold_b[0].intersection.shape != fold_a[0].intersection.shape:
+            raise ValueError(f"fold {fold}: the two models' runs are not aligned on the same "
+                             "episodes and classes")
+        episodes_a = _multinomial(rng, n_eps, n_boot)
+        episodes_b = episodes_a if paired else _multinomial(rng, n_eps, n_boot)
+        levels = []
+        for runs, episodes in ((fold_a, episodes_a), (fold_b, episodes_b)):
+            n_seeds = len({r.seed for r in runs})
+            seeds = _multinomial(rng, n_seeds, n_boot)
+            identity = (np.ones((1, n_eps)), np.ones((1, n_seeds)))
+            levels.append(tuple(
+                _fold_statistics(runs, budgets, None, {b: draw for b in budgets}, True)["level"]
+                for draw in (identity, (episodes, seeds))))
+        (point_a, rep_a), (point_b, rep_b) = levels
+        point_parts.append(point_a - point_b)
+        n_episodes += n_eps * ~np.isnan(point_parts[-1][0])
+        rep_parts.append(rep_a - rep_b)
+    if not point_parts:
+        raise ValueError("the two models share no budget within a fold to compare")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a budget no fold holds -> nan
+        point = np.nanmean(np.stack(point_parts), 0)[0]
+        replicates = np.nanmean(np.stack(rep_parts), 0)
+    n_runs = tuple(np.array([sum(math.isclose(r.budget, b) and r.fold in folds for r in runs)
+                             for b in budgets]) for runs in (runs_a, runs_b))
+    return ModelComparison(budgets, point, replicates, n_runs, n_episodes, level)
 
 
 # --- the budget estimate ----------------------------------------------------------------------

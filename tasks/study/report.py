@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 import math
 import os
 from collections.abc import Mapping
@@ -30,12 +31,16 @@ STUDY_TAG = "fss.study"
 KIND_TAG = "fss.kind"
 TAG_COLUMNS = ["model", "budget", "fold", "shots", "ways", "seed", "budget_seed"]
 CLASS_TAGS = {"scored_classes": "test.classes", "dropped_classes": "test.dropped_classes"}
+# What test episodes a run was scored on (`EvalResult.test_key`): equal keys, pairable runs.
+TEST_KEY_TAG = "test.episodes"
 METRIC_COLUMNS = {"miou": "test/miou", "fbiou": "test/fbiou", "labels_images": "labels/images",
                   "labels_pixels": "labels/pixels"}
 EPISODES_ARTIFACT = "eval/test/episodes.csv"
 PER_CLASS_ARTIFACT = "eval/test/per_class_iou.csv"
 OVERLAYS_ARTIFACT = "eval/test/overlays.png"
 GROUP = ["model", "ways", "shots"]
+# The baseline every other model is compared with, when a setting has it; else every pair.
+BASELINE = "panet"
 # A run's mIoU recomputed from its episode rows must match its logged test/miou.
 MIOU_TOLERANCE = 1e-6
 
@@ -99,8 +104,8 @@ def child_results(parent_run_id: str) -> pd.DataFrame:
         row = {c: r.data.tags.get(c) for c in TAG_COLUMNS}
         row |= {c: r.data.metrics.get(m, math.nan) for c, m in METRIC_COLUMNS.items()}
         row |= {c: r.data.tags.get(t) for c, t in CLASS_TAGS.items()}
-        rows.append(row | {"run_id": r.info.run_id})
-    columns = [*TAG_COLUMNS, *METRIC_COLUMNS, *CLASS_TAGS, "run_id"]
+        rows.append(row | {"test_key": r.data.tags.get(TEST_KEY_TAG), "run_id": r.info.run_id})
+    columns = [*TAG_COLUMNS, *METRIC_COLUMNS, *CLASS_TAGS, "test_key", "run_id"]
     df = pd.DataFrame(rows, columns=columns)
     df["budget"] = df["budget"].astype(float)
     for col in ("ways", "shots"):  # numeric, so that 10-way sorts after 2-way
@@ -206,11 +211,15 @@ class Summary:
     """Everything a report shows. ``table``: one row per model × ways × shots × budget, mIoU,
     Δ and % of 100 % with intervals (``_lo``/``_hi``), all in %; ``estimates``: one row per
     model × ways × shots × target; ``classes``: classes scored and dropped per fold × ways ×
-    shots; ``fits``: the accepted power-law fits, for the plot."""
+    shots; ``comparisons``: one row per pair of models × ways × shots × budget, the paired
+    difference in mIoU (`COMPARISON_COLUMNS`); ``fits``: the accepted power-law fits, for the
+    plot."""
 
     table: pd.DataFrame
     estimates: pd.DataFrame
     classes: pd.DataFrame
+    comparisons: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        columns=COMPARISON_COLUMNS))
     warnings: list[str] = field(default_factory=list)
     fits: dict[tuple[Any, ...], PowerLawFit] = field(default_factory=dict)
     n_boot: int = intervals.N_BOOT
@@ -219,6 +228,8 @@ class Summary:
 TABLE_COLUMNS = [*GROUP, "budget", "images", "pixels", "miou_mean", "miou_lo", "miou_hi",
                  "delta", "delta_lo", "delta_hi", "fraction", "fraction_lo", "fraction_hi",
                  "miou_std", "fbiou_mean", "runs", "episodes"]
+COMPARISON_COLUMNS = ["ways", "shots", "budget", "model", "baseline", "diff", "diff_lo",
+                      "diff_hi", "runs", "baseline_runs", "episodes", "verdict"]
 ESTIMATE_COLUMNS = [*GROUP, "target", "target_miou", "images", "images_lo", "images_hi",
                     "recommended", "region", "point_region", "measured_min", "measured_max",
                     "refusal", "note", "fit_a", "fit_b", "fit_c", "fit_r2"]
@@ -240,16 +251,17 @@ def build_summary(results: pd.DataFrame, episodes: Mapping[str, pd.DataFrame] | 
         if accepted:
             fits[key] = accepted[0]
     classes, class_warnings = _classes(results)
+    comparisons, comparison_warnings = _comparisons(results, episodes or {}, n_boot, seed)
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     return Summary(table.reindex(columns=TABLE_COLUMNS),
                    pd.DataFrame(estimates, columns=ESTIMATE_COLUMNS), classes,
-                   class_warnings + warnings, fits, n_boot)
+                   comparisons, class_warnings + warnings + comparison_warnings, fits, n_boot)
 
 
 def _with_columns(results: pd.DataFrame) -> pd.DataFrame:
     """Tolerate frames written before the label and class columns existed."""
     out = results.copy()
-    for col in [*METRIC_COLUMNS, *CLASS_TAGS]:
+    for col in [*METRIC_COLUMNS, *CLASS_TAGS, "test_key"]:
         if col not in out.columns:
             out[col] = math.nan if col in METRIC_COLUMNS else None
     return out
@@ -278,6 +290,10 @@ def _group_summary(group: pd.DataFrame, episodes: Mapping[str, pd.DataFrame], n_
         return _percent(_means_only(group), per_budget).assign(**keys), found, [warning]
     runs = intervals.runs_from_tables(group, [episodes[rid] for rid in group["run_id"]])
     warnings = _miou_mismatches(group, runs)
+    mixed = _mixed_tests(group)
+    if mixed:
+        warnings.append(f"its budgets were not all scored on the same test episodes ({mixed}): "
+                        "the paired intervals pair unlike things")
     boot = intervals.bootstrap_budgets(runs, n_boot=n_boot, seed=seed)
     images = per_budget["images"].reindex(boot.budgets).to_numpy()
     found = intervals.estimate_budget(boot, images)
@@ -317,6 +333,79 @@ def _miou_mismatches(group: pd.DataFrame, runs: list[intervals.Run]) -> list[str
             out.append(f"run {run_id}: mIoU from {EPISODES_ARTIFACT} {100 * run.miou:.3f} != "
                        f"logged test/miou {100 * logged:.3f}")
     return out
+
+
+def _mixed_tests(runs: pd.DataFrame) -> str | None:
+    """Where runs of one fold carry different `TEST_KEY_TAG`s, in words (None: one key a fold,
+    or keys not recorded)."""
+    out = []
+    for fold, rows in runs.groupby("fold", sort=True):
+        keys = sorted({k for k in rows["test_key"] if isinstance(k, str) and k})
+        if len(keys) > 1:
+            out.append(f"fold {fold}: {TEST_KEY_TAG} {', '.join(keys)}")
+    return "; ".join(out) or None
+
+
+def _model_pairs(models: list[str]) -> list[tuple[str, str]]:
+    """(model, baseline) pairs: every model against `BASELINE` when there is one, else every
+    pair in name order."""
+    if BASELINE in models:
+        return [(m, BASELINE) for m in models if m != BASELINE]
+    return list(itertools.combinations(models, 2))
+
+
+def _unpairable(setting: pd.DataFrame, episodes: Mapping[str, pd.DataFrame]) -> str | None:
+    """Why the models of one ways × shots setting cannot be compared episode by episode."""
+    if any(rid not in episodes for rid in setting["run_id"]):
+        return f"not every run has its {EPISODES_ARTIFACT}"
+    if not all(isinstance(k, str) and k for k in setting["test_key"]):
+        return f"not every run records its test episodes ({TEST_KEY_TAG}: logged before it existed)"
+    mixed = _mixed_tests(setting)
+    return f"they were scored on different test episodes ({mixed})" if mixed else None
+
+
+def _verdict(model: str, baseline: str, lo: float, hi: float) -> str:
+    if np.isnan(lo):
+        return "n/a"
+    if lo > 0:
+        return f"{model} higher"
+    if hi < 0:
+        return f"{baseline} higher"
+    return "noise: the interval holds 0"
+
+
+def _comparisons(results: pd.DataFrame, episodes: Mapping[str, pd.DataFrame], n_boot: int,
+                 seed: int) -> tuple[pd.DataFrame, list[str]]:
+    """Model against model (`_model_pairs`) at every budget both have, per ways × shots, paired
+    on the test episodes (`intervals.compare_models`); rows in %, and why a setting with
+    several models has none."""
+    rows, warnings = [], []
+    for (ways, shots), setting in results.groupby(["ways", "shots"], sort=True):
+        models = sorted(setting["model"].unique())
+        if len(models) < 2:
+            continue
+        problem = _unpairable(setting, episodes)
+        if problem:
+            warnings.append(f"{ways}-way {shots}-shot: models not compared, {problem}")
+            continue
+        runs = intervals.runs_from_tables(setting, [episodes[r] for r in setting["run_id"]])
+        by_model = {m: [r for r, name in zip(runs, setting["model"], strict=True) if name == m]
+                    for m in models}
+        for model, baseline in _model_pairs(models):
+            try:
+                found = intervals.compare_models(by_model[model], by_model[baseline],
+                                                 n_boot=n_boot, seed=seed)
+            except ValueError:  # no budget and fold in common
+                continue
+            lo, hi = found.interval()
+            for j, budget in enumerate(found.budgets):
+                rows.append({"ways": ways, "shots": shots, "budget": budget, "model": model,
+                             "baseline": baseline, "diff": 100 * found.point[j],
+                             "diff_lo": 100 * lo[j], "diff_hi": 100 * hi[j],
+                             "runs": found.n_runs[0][j], "baseline_runs": found.n_runs[1][j],
+                             "episodes": found.n_episodes[j],
+                             "verdict": _verdict(model, baseline, lo[j], hi[j])})
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS), warnings
 
 
 def _estimate_row(key: tuple[Any, ...], e: BudgetEstimate) -> dict[str, Any]:
@@ -382,6 +471,8 @@ ESTIMATE_HEADER = ["model", "ways", "shots", "target",
                    "where"]
 ESTIMATE_RECOMMENDED = 5  # the column shown in bold
 CLASSES_HEADER = ["fold", "ways", "shots", "classes scored", "not scored"]
+COMPARISON_HEADER = ["ways", "shots", "budget", "models", "Δ mIoU (points) [95 % CI]",
+                     "verdict", "n (runs × episodes)"]
 
 
 def table_rows(table: pd.DataFrame) -> list[list[str]]:
@@ -431,6 +522,14 @@ def classes_rows(classes: pd.DataFrame) -> list[list[str]]:
              r.dropped or "—"] for r in classes.itertuples()]
 
 
+def comparison_rows(comparisons: pd.DataFrame) -> list[list[str]]:
+    """The cells of the model comparison table (`COMPARISON_HEADER`)."""
+    return [[str(r.ways), str(r.shots), f"{100 * r.budget:g} %", f"{r.model} − {r.baseline}",
+             _ci(r.diff, r.diff_lo, r.diff_hi, signed=True), str(r.verdict),
+             f"{r.runs} vs {r.baseline_runs} × {r.episodes}"]
+            for r in comparisons.itertuples()]
+
+
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * len(header)) + " |"]
     return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
@@ -459,6 +558,10 @@ INTERVALS_NOTE = (
     "Intervals: 95 % hierarchical paired bootstrap ({n_boot} replicates): seeds and test "
     "episodes resampled, each class's IoU recomputed from summed intersections and unions; "
     "every budget shares the episode draw, and Δ / % of 100 % pair runs by seed.")
+COMPARISON_NOTE = (
+    "Each model against {baseline} (or every pair without it), scored on the same test episodes "
+    "(equal test.episodes keys): one episode draw per replicate shared by both models, each "
+    "model's seeds drawn on their own. A difference whose interval holds 0 is noise.")
 FIT_NOTE = ("Fit: mIoU(n) = a − b·n^(−c) over the budgets with labelled images, n = labelled "
             "images; refitted on every bootstrap replicate. " + BIAS_NOTE)
 
@@ -473,7 +576,12 @@ def to_markdown(summary: Summary | pd.DataFrame) -> str:
         INTERVALS_NOTE.format(n_boot=summary.n_boot),
         "### Labelled images needed for 90 % / 95 % of full supervision",
         estimate_markdown(summary.estimates),
-        FIT_NOTE,
+        FIT_NOTE]
+    if len(summary.comparisons):
+        parts += ["### Models compared at each budget",
+                  _markdown(COMPARISON_HEADER, comparison_rows(summary.comparisons)),
+                  COMPARISON_NOTE.format(baseline=BASELINE)]
+    parts += [
         "### Classes scored per fold",
         classes_markdown(summary.classes)]
     return "\n\n".join(parts)
@@ -674,8 +782,12 @@ def to_html(summary: Summary, results: pd.DataFrame, plot_png: bytes | None, tit
         body.append(_img(plot_png, title))
     body += ["<h2>Labelled images needed for 90 % / 95 % of full supervision</h2>",
              _html_table(ESTIMATE_HEADER, estimate_rows(summary.estimates), estimate_bold),
-             f'<p class="note">{esc(FIT_NOTE)}</p>',
-             "<h2>Classes scored per fold</h2>",
+             f'<p class="note">{esc(FIT_NOTE)}</p>']
+    if len(summary.comparisons):
+        body += ["<h2>Models compared at each budget</h2>",
+                 _html_table(COMPARISON_HEADER, comparison_rows(summary.comparisons)),
+                 f'<p class="note">{esc(COMPARISON_NOTE.format(baseline=BASELINE))}</p>']
+    body += ["<h2>Classes scored per fold</h2>",
              _html_table(CLASSES_HEADER, classes_rows(summary.classes)),
              "<h2>Points</h2>",
              f'<p class="note">Per point: test IoU per class and test episodes (supports, query, '
@@ -719,6 +831,7 @@ def write_summary(summary: Summary, results: pd.DataFrame, folder: Path, title: 
 
 def summary_metrics(summary: Summary) -> dict[str, float]:
     """Flat metrics for the parent run: ``summary/<model>/<w>w<s>s/b<budget>/miou`` (and
+    ``_lo``/``_hi``), ``compare/<model>-<baseline>/<w>w<s>s/b<budget>/diff`` (and
     ``_lo``/``_hi``), ``estimate/<model>/<w>w<s>s/images_90`` (and ``_lo``/``_hi``); finite
     values only (an unbounded upper end or a refused estimate is not logged)."""
     out = {}
@@ -726,6 +839,10 @@ def summary_metrics(summary: Summary) -> dict[str, float]:
         prefix = f"summary/{r.model}/{r.ways}w{r.shots}s/b{r.budget:g}"
         out |= {f"{prefix}/miou": r.miou_mean, f"{prefix}/miou_lo": r.miou_lo,
                 f"{prefix}/miou_hi": r.miou_hi}
+    for r in summary.comparisons.itertuples():
+        prefix = f"compare/{r.model}-{r.baseline}/{r.ways}w{r.shots}s/b{r.budget:g}"
+        out |= {f"{prefix}/diff": r.diff, f"{prefix}/diff_lo": r.diff_lo,
+                f"{prefix}/diff_hi": r.diff_hi}
     for r in summary.estimates.itertuples():
         prefix = f"estimate/{r.model}/{r.ways}w{r.shots}s/images_{r.target:g}"
         out |= {prefix: r.images, f"{prefix}_lo": r.images_lo, f"{prefix}_hi": r.images_hi}
