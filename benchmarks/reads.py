@@ -81,11 +81,7 @@ def ingest_store(voc: Path, url: str, size: int, shard_size: int) -> tuple[str, 
     t0 = time.perf_counter()
     plan = ingest.plan_ingest([make_reader("voc", voc, "train")], NAME, size=size,
                               shard_size=shard_size)
-    store.create_dataset(url, plan.spec)
-    for k in range(plan.spec.n_shards):
-        ingest.ingest_shard(url, NAME, plan.spec.version, k, plan.shard_items(k), plan.readers,
-                            size)
-    assert store.finalize_dataset(url, NAME, plan.spec.version)["complete"]
+    assert ingest.ingest_plan(plan, url)["complete"]
     return plan.spec.version, time.perf_counter() - t0
 
 

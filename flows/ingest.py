@@ -33,7 +33,7 @@ from tasks.data.readers import Item, Reader, make_reader
       task_run_name=shard_run_name("ingest"))
 def ingest_shards_task(client: Any, store_url: str, name: str, version: str, shards: list[int],
                        items: list[list[Item]], readers: dict[str, Reader], size: int,
-                       resize: str = "square") -> list[ingest.ShardReport]:
+                       resize: str = defaults.RESIZE) -> list[ingest.ShardReport]:
     """Write ``shards`` on a Dask worker of ``client`` (``items[i]`` are those of ``shards[i]``)."""
     return client.submit(ingest.ingest_shards, store_url, name, version, shards, items, readers,
                          size, resize, pure=False).result()

@@ -35,11 +35,7 @@ def ds(tmp_path_factory: pytest.TempPathFactory) -> store.Dataset:
     readers = [make_reader("voc", root / "synth" / "voc", s) for s in ("train", "val")]
     plan = ingest.plan_ingest(readers, "ep", size=48, shard_size=64)
     url = str(root / "s.zarr")
-    store.create_dataset(url, plan.spec)
-    for k in range(plan.spec.n_shards):
-        ingest.ingest_shard(url, "ep", plan.spec.version, k, plan.shard_items(k), plan.readers,
-                            48)
-    store.finalize_dataset(url, "ep", plan.spec.version)
+    ingest.ingest_plan(plan, url)
     return store.open_dataset(url, "ep")
 
 

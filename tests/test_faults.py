@@ -172,11 +172,7 @@ def _plan(synth_root: Path) -> ingest.IngestPlan:
 def _clean_ingest(synth_root: Path, url: str) -> str:
     """The reference: every shard written in this process, no Prefect, no Dask."""
     plan = _plan(synth_root)
-    store.create_dataset(url, plan.spec)
-    for k in range(plan.spec.n_shards):
-        ingest.ingest_shard(url, NAME, plan.spec.version, k, plan.shard_items(k), plan.readers,
-                            SIZE)
-    assert store.finalize_dataset(url, NAME, plan.spec.version)["complete"]
+    assert ingest.ingest_plan(plan, url)["complete"]
     return plan.spec.version
 
 

@@ -25,11 +25,7 @@ def ingest_store(synth_root: Path, url: str, size: int = 64, shard_size: int = 1
     """Ingest the synthetic VOC layout without Prefect; returns the version."""
     readers = [make_reader("voc", synth_root / "voc", s) for s in ("train", "val")]
     plan = ingest.plan_ingest(readers, "synth", size=size, shard_size=shard_size)
-    store.create_dataset(url, plan.spec)
-    for k in range(plan.spec.n_shards):
-        ingest.ingest_shard(url, "synth", plan.spec.version, k, plan.shard_items(k),
-                            plan.readers, size)
-    store.finalize_dataset(url, "synth", plan.spec.version)
+    ingest.ingest_plan(plan, url)
     return plan.spec.version
 
 

@@ -58,11 +58,8 @@ def _coco(root: Path, split: str, files: list[tuple[int, str]], size=(20, 30),
 def _ingest(readers, url: str, name: str = "d", **kw) -> tuple[ingest.IngestPlan, dict]:
     plan = ingest.plan_ingest(readers, name, size=kw.pop("size", 16),
                               shard_size=kw.pop("shard_size", 4), **kw)
-    store.create_dataset(url, plan.spec)
-    for k in range(plan.spec.n_shards):
-        ingest.ingest_shard(url, name, plan.spec.version, k, plan.shard_items(k), plan.readers,
-                            plan.spec.size)
-    return plan, store.finalize_dataset(url, name, plan.spec.version)
+    ingest.ingest_plan(plan, url)
+    return plan, store.finalize_dataset(url, name, plan.spec.version)  # the store's own account
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ def _plan(root: Path, source: str = "voc", **kw):
 def _run(plan, url: str, shards=None) -> list[ingest.ShardReport]:
     store.create_dataset(url, plan.spec)
     todo = range(plan.spec.n_shards) if shards is None else shards
-    return [ingest.ingest_shard(url, plan.spec.name, plan.spec.version, k, plan.shard_items(k),
-                                plan.readers, plan.spec.size) for k in todo]
+    return ingest.ingest_shards(url, plan.spec.name, plan.spec.version, todo,
+                                [plan.shard_items(k) for k in todo], plan.readers,
+                                plan.spec.size, plan.resize)
 
 
 def _checksums(url: str, name: str, version: str) -> dict[str, str]:

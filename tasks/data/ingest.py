@@ -41,6 +41,12 @@ class IngestPlan:
     items: list[Item]
     readers: dict[str, Reader]  # by split
 
+    @property
+    def resize(self) -> str:
+        """How images reach the square (`RESIZE_MODES`): a version parameter when not the
+        default."""
+        return self.spec.params.get("resize", defaults.RESIZE)
+
     def shard_items(self, shard: int) -> list[Item]:
         start, stop = store.shard_bounds(len(self.items), self.spec.shard_size)[shard]
         return self.items[start:stop]
@@ -274,11 +280,18 @@ def ingest_dataset(source: str, root: str, store_url: str, name: str, *,
                for s in splits or default_splits(source, root)]
     plan = plan_ingest(readers, name, size=size, shard_size=shard_size, max_pixels=max_pixels,
                        resize=resize)
-    store.create_dataset(store_url, plan.spec)
-    reports = ingest_shards(store_url, name, plan.spec.version, range(plan.spec.n_shards),
-                            [plan.shard_items(k) for k in range(plan.spec.n_shards)],
-                            plan.readers, size, resize)
-    return summarize(reports, plan, store.finalize_dataset(store_url, name, plan.spec.version))
+    return ingest_plan(plan, store_url)
+
+
+def ingest_plan(plan: IngestPlan, store_url: str) -> dict[str, Any]:
+    """Create ``plan``'s version in ``store_url``, write every shard in this process
+    (`ingest_shards`) and finalize it; the run's account (`summarize`)."""
+    spec = plan.spec
+    store.create_dataset(store_url, spec)
+    reports = ingest_shards(store_url, spec.name, spec.version, range(spec.n_shards),
+                            [plan.shard_items(k) for k in range(spec.n_shards)], plan.readers,
+                            spec.size, plan.resize)
+    return summarize(reports, plan, store.finalize_dataset(store_url, spec.name, spec.version))
 
 
 def summarize(reports: Sequence[ShardReport], plan: IngestPlan,

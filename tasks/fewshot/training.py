@@ -144,7 +144,8 @@ class EvalResult:
     # (episode, class id, intersection, union) per episode class: what a bootstrap resamples
     episode_rows: list[tuple[int, int, int, int]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # fold classes too rare to be scored
-    # The episodes and the scoring rule, hashed: equal keys, the same test (pairable runs).
+    # The test episodes and the scoring rule, hashed (`evaluate_fold`): equal keys, the same
+    # test, so pairable runs.
     test_key: str = ""
 
     def metrics(self, prefix: str) -> dict[str, float]:
@@ -195,8 +196,7 @@ def evaluate(model: nn.Module, sampler: EpisodeSampler, *, episodes: int,
                       episodes=episodes, ways=sampler.ways, shots=sampler.shots,
                       seconds=time.perf_counter() - t0, samples=samples,
                       episode_rows=episode_rows,
-                      dropped=[class_names[c] for c in sampler.dropped_classes],
-                      test_key=f"{scoring}-{sampler.digest(episodes)}")
+                      dropped=[class_names[c] for c in sampler.dropped_classes])
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -559,8 +559,9 @@ def evaluate_fold(cfg: TrainConfig, model: nn.Module, *, keep_samples: int = 0,
     for ways, shots in eval_settings(cfg):
         sampler = EpisodeSampler(ds, split=cfg.test_split, classes=novel, ways=ways, shots=shots,
                                  min_pixels=cfg.min_pixels, seed=cfg.test_seed)
-        results.append(evaluate(model, sampler, episodes=cfg.test_episodes,
-                                class_names=ds.classes, device=device, scoring=cfg.scoring,
-                                keep_samples=keep_samples, progress=progress,
-                                desc=f"test {ways}-way {shots}-shot", cache=cache))
+        result = evaluate(model, sampler, episodes=cfg.test_episodes, class_names=ds.classes,
+                          device=device, scoring=cfg.scoring, keep_samples=keep_samples,
+                          progress=progress, desc=f"test {ways}-way {shots}-shot", cache=cache)
+        result.test_key = f"{cfg.scoring}-{sampler.digest(cfg.test_episodes)}"
+        results.append(result)
     return results
