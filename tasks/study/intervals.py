@@ -164,11 +164,7 @@ class BudgetIntervals:
 
     def interval(self, statistic: str) -> tuple[np.ndarray, np.ndarray]:
         """Percentile interval per budget (nan where no replicate has a value)."""
-        tail = 50 * (1 - self.level)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-nan columns -> nan
-            lo, hi = np.nanpercentile(self.replicates[statistic], [tail, 100 - tail], axis=0)
-        return lo, hi
+        return _percentiles(self.replicates[statistic], self.level)
 
     def index(self, budget: float) -> int:
         return int(np.flatnonzero(np.isclose(self.budgets, budget))[0])
@@ -182,6 +178,15 @@ class BudgetIntervals:
             out[stat], out[f"{stat}_lo"], out[f"{stat}_hi"] = self.point[stat], lo, hi
         out["n_runs"], out["n_episodes"] = self.n_runs, self.n_episodes
         return out
+
+
+def _percentiles(replicates: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The ``level`` percentile interval of each column of ``replicates`` (B, k)."""
+    tail = 50 * (1 - level)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-nan columns -> nan
+        lo, hi = np.nanpercentile(replicates, [tail, 100 - tail], axis=0)
+    return lo, hi
 
 
 def bootstrap_budgets(runs: Sequence[Run], *, n_boot: int = N_BOOT, seed: int = 0,
@@ -313,11 +318,8 @@ class ModelComparison:
     level: float = LEVEL
 
     def interval(self) -> tuple[np.ndarray, np.ndarray]:
-        tail = 50 * (1 - self.level)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-nan columns -> nan
-            lo, hi = np.nanpercentile(self.replicates, [tail, 100 - tail], axis=0)
-        return lo, hi
+        """Percentile interval per budget (nan where no replicate has a value)."""
+        return _percentiles(self.replicates, self.level)
 
 
 def compare_models(runs_a: Sequence[Run], runs_b: Sequence[Run], *, n_boot: int = N_BOOT,
