@@ -287,6 +287,12 @@ def test_voc_dataset_errors(voc, tmp_path: Path):
     bad_list.write_text("a b c\n")
     with pytest.raises(DatasetError, match="3 fields"):
         make_reader("voc", root, list_file=bad_list).list_items()
+    # A pair may not leave the root (a symlinked folder inside it may: the check is lexical).
+    bad_list.write_text("JPEGImages/x.jpg SegmentationClass/x.png\n"
+                        "JPEGImages/../../secret/y.jpg SegmentationClass/y.png\n")
+    with pytest.raises(DatasetError, match=r"bad.txt:2: JPEGImages/\.\./\.\./secret/y.jpg "
+                                           "leaves the dataset root"):
+        make_reader("voc", root, list_file=bad_list).list_items()
     bad_list.write_text("\n")
     with pytest.raises(DatasetError, match="lists no images"):
         make_reader("voc", root, list_file=bad_list).list_items()

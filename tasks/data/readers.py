@@ -385,7 +385,8 @@ class VOCReader(Reader):
       that exists wins);
     * a list line is either a stem (``2007_000032``) or an image/mask pair relative to the root
       (``JPEGImages/x.jpg SegmentationClassAug/x.png``, leading slash optional, as in
-      PFENet/HSNet/DeepLab lists); a pair's paths override the rules above;
+      PFENet/HSNet/DeepLab lists); a pair's paths override the rules above and may not
+      leave the root (``..``);
     * classes are ``classes_file`` when given, else ``root/classes.txt`` when present, else
       :data:`VOC_CLASSES`; a classes file has one name per line, line i is class id i and the
       first line is the background.
@@ -450,6 +451,11 @@ class VOCReader(Reader):
             if len(fields) == 1 or by_stem[0].is_file():
                 pair = by_stem
             elif len(fields) == 2 and all(Path(f).suffix for f in fields):
+                outside = [f for f in fields
+                           if os.path.normpath(f.lstrip("/")).split(os.sep)[0] == ".."]
+                if outside:  # lexically: a symlinked JPEGImages/ inside the root is fine
+                    raise DatasetError(f"{self.list_file}:{number}: {outside[0]} leaves the "
+                                       f"dataset root {self.root}: list paths are relative to it")
                 pair = (self.root / fields[0].lstrip("/"), self.root / fields[1].lstrip("/"))
                 stem = pair[0].stem
             else:
