@@ -235,6 +235,10 @@ def test_report_writes_html_with_each_points_per_class_iou_and_overlays(
     assert f"HTML report (tables, plot, per-class IoU, overlays): {page_path}" in (
         capsys.readouterr().out)
     assert (out / "pics" / "summary.md").exists()
+    assert main(["report", "--tracking-uri", uri, "--experiment", "html-exp", "--out",
+                 str(out), "--baseline", "panet"]) == 2
+    assert ("--baseline 'panet': study 'pics' has no finished point of that model (its models: "
+            "umt)") in capsys.readouterr().err
     page = page_path.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert page.count('<img alt="pics: mIoU vs labelled images" src="data:image/png;base64,') == 1

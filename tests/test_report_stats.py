@@ -446,6 +446,17 @@ def test_report_compares_each_model_with_the_baseline(tmp_path: Path) -> None:
     assert "Models compared at each budget" in paths["html"].read_text()
 
 
+def test_another_baseline_turns_the_comparison_round() -> None:
+    results, tables = _with_baseline(np.random.default_rng(13))
+    default = report.build_summary(results, tables, n_boot=300).comparisons
+    found = report.build_summary(results, tables, n_boot=300, baseline="umt")
+    rows = found.comparisons
+    assert set(rows["model"]) == {"panet"} and set(rows["baseline"]) == {"umt"}
+    assert rows["diff"].to_numpy() == pytest.approx(-default["diff"].to_numpy())
+    assert (rows["verdict"] == "umt higher").all()
+    assert "Each model against umt" in report.to_markdown(found)
+
+
 @pytest.mark.parametrize(("keys", "why"), [
     (None, "not every run records its test episodes"),
     ("mixed", "they were scored on different test episodes (fold 0: test.episodes"),

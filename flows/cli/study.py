@@ -53,6 +53,9 @@ def add_parsers(sub: Any) -> None:
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or "
                                           "sqlite:///<cwd>/mlflow.db), e.g. sqlite:///demo/mlflow.db")
     r.add_argument("--out", default=defaults.REPORT_DIR, help="folder for the tables and plot")
+    r.add_argument("--baseline", default=None, metavar="MODEL",
+                   help="the model every other one is compared with at each budget (default: "
+                        "panet; without it in a setting, every pair)")
     r.set_defaults(func=cmd_report)
 
 
@@ -186,7 +189,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ValueError(f"no {what} in experiment {args.experiment!r} {where}; {known}")
     results = report.child_results(run.info.run_id)
     name = run.data.tags.get(report.STUDY_TAG, "study")
-    summary = report.build_summary(results, report.load_episodes(results))
+    baseline = args.baseline or report.BASELINE
+    models = sorted(results["model"].unique())
+    if args.baseline and args.baseline not in models:
+        raise ValueError(f"--baseline {args.baseline!r}: study {name!r} has no finished point of "
+                         f"that model (its models: {', '.join(models) or 'none yet'})")
+    summary = report.build_summary(results, report.load_episodes(results), baseline=baseline)
     paths = report.write_summary(summary, results, Path(args.out) / name,
                                  title=f"{name}: mIoU vs labelled images",
                                  points=report.load_point_artifacts(results))

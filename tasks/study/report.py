@@ -39,7 +39,8 @@ EPISODES_ARTIFACT = "eval/test/episodes.csv"
 PER_CLASS_ARTIFACT = "eval/test/per_class_iou.csv"
 OVERLAYS_ARTIFACT = "eval/test/overlays.png"
 GROUP = ["model", "ways", "shots"]
-# The baseline every other model is compared with, when a setting has it; else every pair.
+# The model every other one is compared with (`fss report --baseline`), when a setting has
+# it; else every pair.
 BASELINE = "panet"
 # A run's mIoU recomputed from its episode rows must match its logged test/miou.
 MIOU_TOLERANCE = 1e-6
@@ -223,6 +224,7 @@ class Summary:
     warnings: list[str] = field(default_factory=list)
     fits: dict[tuple[Any, ...], PowerLawFit] = field(default_factory=dict)
     n_boot: int = intervals.N_BOOT
+    baseline: str = BASELINE
 
 
 TABLE_COLUMNS = [*GROUP, "budget", "images", "pixels", "miou_mean", "miou_lo", "miou_hi",
@@ -236,9 +238,11 @@ ESTIMATE_COLUMNS = [*GROUP, "target", "target_miou", "images", "images_lo", "ima
 
 
 def build_summary(results: pd.DataFrame, episodes: Mapping[str, pd.DataFrame] | None = None, *,
-                  n_boot: int = intervals.N_BOOT, seed: int = 0) -> Summary:
+                  n_boot: int = intervals.N_BOOT, seed: int = 0,
+                  baseline: str = BASELINE) -> Summary:
     """The summary of the child runs ``results`` (`child_results`); ``episodes`` maps run ids
-    to their episode tables (`load_episodes`); without it every interval is n/a."""
+    to their episode tables (`load_episodes`); without it every interval is n/a. Models are
+    compared with ``baseline`` where a setting has it."""
     results = _with_columns(results)
     tables, estimates, warnings, fits = [], [], [], {}
     for key, group in results.groupby(GROUP, sort=True):
@@ -251,11 +255,13 @@ def build_summary(results: pd.DataFrame, episodes: Mapping[str, pd.DataFrame] | 
         if accepted:
             fits[key] = accepted[0]
     classes, class_warnings = _classes(results)
-    comparisons, comparison_warnings = _comparisons(results, episodes or {}, n_boot, seed)
+    comparisons, comparison_warnings = _comparisons(results, episodes or {}, n_boot, seed,
+                                                    baseline)
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     return Summary(table.reindex(columns=TABLE_COLUMNS),
                    pd.DataFrame(estimates, columns=ESTIMATE_COLUMNS), classes,
-                   comparisons, class_warnings + warnings + comparison_warnings, fits, n_boot)
+                   comparisons, class_warnings + warnings + comparison_warnings, fits, n_boot,
+                   baseline)
 
 
 def _with_columns(results: pd.DataFrame) -> pd.DataFrame:
@@ -346,11 +352,11 @@ def _mixed_tests(runs: pd.DataFrame) -> str | None:
     return "; ".join(out) or None
 
 
-def _model_pairs(models: list[str]) -> list[tuple[str, str]]:
-    """(model, baseline) pairs: every model against `BASELINE` when there is one, else every
+def _model_pairs(models: list[str], baseline: str) -> list[tuple[str, str]]:
+    """(model, baseline) pairs: every model against ``baseline`` when it is there, else every
     pair in name order."""
-    if BASELINE in models:
-        return [(m, BASELINE) for m in models if m != BASELINE]
+    if baseline in models:
+        return [(m, baseline) for m in models if m != baseline]
     return list(itertools.combinations(models, 2))
 
 
@@ -375,7 +381,7 @@ def _verdict(model: str, baseline: str, lo: float, hi: float) -> str:
 
 
 def _comparisons(results: pd.DataFrame, episodes: Mapping[str, pd.DataFrame], n_boot: int,
-                 seed: int) -> tuple[pd.DataFrame, list[str]]:
+                 seed: int, baseline: str) -> tuple[pd.DataFrame, list[str]]:
     """Model against model (`_model_pairs`) at every budget both have, per ways × shots, paired
     on the test episodes (`intervals.compare_models`); rows in %, and why a setting with
     several models has none."""
@@ -391,20 +397,20 @@ def _comparisons(results: pd.DataFrame, episodes: Mapping[str, pd.DataFrame], n_
         runs = intervals.runs_from_tables(setting, [episodes[r] for r in setting["run_id"]])
         by_model = {m: [r for r, name in zip(runs, setting["model"], strict=True) if name == m]
                     for m in models}
-        for model, baseline in _model_pairs(models):
+        for model, other in _model_pairs(models, baseline):
             try:
-                found = intervals.compare_models(by_model[model], by_model[baseline],
+                found = intervals.compare_models(by_model[model], by_model[other],
                                                  n_boot=n_boot, seed=seed)
             except ValueError:  # no budget and fold in common
                 continue
             lo, hi = found.interval()
             for j, budget in enumerate(found.budgets):
                 rows.append({"ways": ways, "shots": shots, "budget": budget, "model": model,
-                             "baseline": baseline, "diff": 100 * found.point[j],
+                             "baseline": other, "diff": 100 * found.point[j],
                              "diff_lo": 100 * lo[j], "diff_hi": 100 * hi[j],
                              "runs": found.n_runs[0][j], "baseline_runs": found.n_runs[1][j],
                              "episodes": found.n_episodes[j],
-                             "verdict": _verdict(model, baseline, lo[j], hi[j])})
+                             "verdict": _verdict(model, other, lo[j], hi[j])})
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS), warnings
 
 
@@ -582,7 +588,7 @@ def to_markdown(summary: Summary | pd.DataFrame) -> str:
     if len(summary.comparisons):
         parts += ["### Models compared at each budget",
                   _markdown(COMPARISON_HEADER, comparison_rows(summary.comparisons)),
-                  COMPARISON_NOTE.format(baseline=BASELINE)]
+                  COMPARISON_NOTE.format(baseline=summary.baseline)]
     parts += [
         "### Classes scored per fold",
         classes_markdown(summary.classes)]
@@ -788,7 +794,7 @@ def to_html(summary: Summary, results: pd.DataFrame, plot_png: bytes | None, tit
     if len(summary.comparisons):
         body += ["<h2>Models compared at each budget</h2>",
                  _html_table(COMPARISON_HEADER, comparison_rows(summary.comparisons)),
-                 f'<p class="note">{esc(COMPARISON_NOTE.format(baseline=BASELINE))}</p>']
+                 f'<p class="note">{esc(COMPARISON_NOTE.format(baseline=summary.baseline))}</p>']
     body += ["<h2>Classes scored per fold</h2>",
              _html_table(CLASSES_HEADER, classes_rows(summary.classes)),
              "<h2>Points</h2>",
