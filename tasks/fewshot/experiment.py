@@ -31,7 +31,13 @@ from tasks.fewshot.training import (
 from tasks.jsonsafe import write_json, write_text
 from tasks.loop import load_state
 from tasks.malloc import large_buffers_on_heap
-from tasks.study.tracking import Tracker, code_version
+from tasks.study.tracking import (
+    TEST_CLASSES_TAG,
+    TEST_DROPPED_TAG,
+    TEST_EPISODES_TAG,
+    Tracker,
+    code_version,
+)
 
 RESULT = "result.json"
 MODEL_INPUTS = ("model(support_img, support_mask, query_img, n_ways) -> logits (B, n_ways + 1, "
@@ -136,9 +142,9 @@ def _run_point_locked(cfg: TrainConfig, ds: Dataset, name: str, run_dir: Path,
             write_eval_artifacts(run_dir / "eval" / prefix.replace("/", "_"), r, ds.classes)
         own = next((r for r in results if metric_prefix(cfg, r) == "test"), results[0])
         summary["dropped_classes"] = own.dropped
-        tracker.set_tags({"test.classes": ",".join(own.per_class),
-                          "test.dropped_classes": ",".join(own.dropped),
-                          "test.episodes": own.test_key,
+        tracker.set_tags({TEST_CLASSES_TAG: ",".join(own.per_class),
+                          TEST_DROPPED_TAG: ",".join(own.dropped),
+                          TEST_EPISODES_TAG: own.test_key,
                           "selection": fit.selection})
         best_val = {"val/best_miou": fit.best_val_miou} if math.isfinite(fit.best_val_miou) else {}
         tracker.log_metrics({"best_step": fit.best_step, "train/seconds": fit.seconds} | labels

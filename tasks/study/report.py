@@ -26,13 +26,14 @@ import pandas as pd
 
 from tasks.study import intervals
 from tasks.study.intervals import BudgetEstimate, PowerLawFit
+from tasks.study.tracking import TEST_CLASSES_TAG, TEST_DROPPED_TAG, TEST_EPISODES_TAG
 
 STUDY_TAG = "fss.study"
 KIND_TAG = "fss.kind"
 TAG_COLUMNS = ["model", "budget", "fold", "shots", "ways", "seed", "budget_seed"]
-CLASS_TAGS = {"scored_classes": "test.classes", "dropped_classes": "test.dropped_classes"}
+CLASS_TAGS = {"scored_classes": TEST_CLASSES_TAG, "dropped_classes": TEST_DROPPED_TAG}
 # What test episodes a run was scored on (`EvalResult.test_key`): equal keys, pairable runs.
-TEST_KEY_TAG = "test.episodes"
+TEST_KEY_TAG = TEST_EPISODES_TAG
 METRIC_COLUMNS = {"miou": "test/miou", "fbiou": "test/fbiou", "labels_images": "labels/images",
                   "labels_pixels": "labels/pixels"}
 EPISODES_ARTIFACT = "eval/test/episodes.csv"

@@ -23,6 +23,11 @@ from filelock import FileLock
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 MODEL_URI_TAG = "fss.model_uri"
+# What a point was tested on (`tasks/fewshot/experiment.py` writes them, the report reads them):
+# the classes scored and dropped, and the test episodes' key (`EvalResult.test_key`).
+TEST_CLASSES_TAG = "test.classes"
+TEST_DROPPED_TAG = "test.dropped_classes"
+TEST_EPISODES_TAG = "test.episodes"
 SYSTEM_METRICS_LOGGER = "mlflow.system_metrics"
 
 
