@@ -569,8 +569,8 @@ COMPARISON_NOTE = (
     "Each model against {baseline} (or every pair without it), scored on the same test episodes "
     "(equal test.episodes keys): one episode draw per replicate shared by both models, each "
     "model's seeds drawn on their own (a model run at one seed adds no seed-to-seed spread: "
-    "its side of the interval is the test episodes' alone). A difference whose interval "
-    "holds 0 is noise.")
+    "its side of the interval is the test episodes' alone). Each row's interval is 95 % on "
+    "its own, not jointly over the rows. A difference whose interval holds 0 is noise.")
 FIT_NOTE = ("Fit: mIoU(n) = a − b·n^(−c) over the budgets with labelled images, n = labelled "
             "images; refitted on every bootstrap replicate. " + BIAS_NOTE)
 
