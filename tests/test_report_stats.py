@@ -168,6 +168,20 @@ def test_fit_recovers_a_known_power_law_and_its_inverse() -> None:
     assert est90.region == est90.point_region == "interpolation"
 
 
+def test_a_noisy_budget_weighs_less_in_the_fit() -> None:
+    """Four precise budgets on the curve and one noisy one 6 points off: weighted by their
+    interval half-widths the fit keeps to the precise ones; unweighted it misses them."""
+    n = np.array([30.0, 60, 120, 300, 600])
+    y = intervals.power_law(n, A, B, C) + np.array([0.06, 0, 0, 0, 0])
+    sigma = np.array([0.08, 0.005, 0.005, 0.005, 0.005])
+    weighted = intervals.fit_power_law(n, y, sigma=sigma)
+    unweighted = intervals.fit_power_law(n, y)
+    assert weighted is not None and unweighted is not None
+    assert (np.abs(weighted.residuals[1:]) < 0.005).all()
+    assert (np.abs(unweighted.residuals[1:]) > 0.005).any()
+    assert abs(weighted.a - A) < abs(unweighted.a - A)
+
+
 def test_an_estimate_outside_the_measured_range_is_an_extrapolation() -> None:
     # Measured from 300 images on: 90 % of the 600-image mIoU is reached well below 300.
     images = [300, 400, 500, 600]

@@ -29,7 +29,9 @@ replicate shares the episode draw between the two models and draws each model's 
 own: seeds are not shared across models, but episodes are.
 
 **Budget estimate.** A saturating power law with offset, miou(n) = a - b * n**(-c) (b, c > 0),
-fitted to the mean mIoU of the budgets with n > 0 labelled images, is inverted at 90 % and 95 %
+fitted to the mean mIoU of the budgets with n > 0 labelled images (weighted least squares: each
+budget by its 95 % interval half-width, so a budget with more seeds or a steadier score weighs
+more), is inverted at 90 % and 95 %
 of the measured full-supervision mIoU; the fit is repeated on every bootstrap replicate's
 per-budget means for an interval. Known bias: Mahmood et al. (CVPR 2022, "How much more data do
 I need? Estimating requirements for downstream tasks") show that power laws fitted on small
@@ -410,15 +412,19 @@ _BOUNDS = ([0.0, 1e-12, 1e-3], [1.0, np.inf, 5.0])
 
 
 def fit_power_law(n: Sequence[float], y: Sequence[float],
-                  p0: Sequence[float] | None = None) -> PowerLawFit | None:
+                  p0: Sequence[float] | None = None,
+                  sigma: Sequence[float] | None = None) -> PowerLawFit | None:
     """Least-squares fit of `power_law` (scipy `curve_fit`, bounded); None if it fails.
 
-    Without ``p0`` a few starting exponents are tried and the best fit kept: with 3 to 5 points
-    the fit has local minima.
+    ``sigma``: each point's uncertainty (its interval half-width), so that a precise point
+    weighs more than a noisy one (weighted least squares); None weighs all alike. Without
+    ``p0`` a few starting exponents are tried and the best fit kept: with 3 to 5 points the
+    fit has local minima.
     """
     from scipy.optimize import curve_fit
 
     n, y = np.asarray(n, np.float64), np.asarray(y, np.float64)
+    weights = np.ones_like(y) if sigma is None else 1.0 / np.asarray(sigma, np.float64) ** 2
     starts = [p0] if p0 is not None else [_start(n, y, c) for c in (0.3, 0.7, 1.5)]
     best = None
     for start in starts:
@@ -426,11 +432,13 @@ def fit_power_law(n: Sequence[float], y: Sequence[float],
             warnings.simplefilter("ignore")  # OptimizeWarning: no covariance with 3 points
             try:
                 params, _ = curve_fit(power_law, n, y, p0=np.clip(start, *_BOUNDS),
-                                      bounds=_BOUNDS, jac=_power_law_jacobian, maxfev=5000)
+                                      sigma=sigma, bounds=_BOUNDS, jac=_power_law_jacobian,
+                                      maxfev=5000)
             except (RuntimeError, ValueError):
                 continue
         residuals = y - power_law(n, *params)
-        if best is None or (residuals ** 2).sum() < (best.residuals ** 2).sum():
+        cost = (weights * residuals ** 2).sum()
+        if best is None or cost < (weights * best.residuals ** 2).sum():
             best = PowerLawFit(*map(float, params), r2=_r2(y, residuals), residuals=residuals)
     return best
 
@@ -492,18 +500,32 @@ def estimate_budget(intervals: BudgetIntervals, images: Sequence[float],
         return [_refuse(e, reason) for e in refused]
     pos = images > 0
     n, y = images[pos], intervals.point["miou"][pos]
-    fit = fit_power_law(n, y)
+    lo, hi = intervals.interval("miou")
+    half_widths = (hi - lo)[pos] / 2
+    sigma = _fit_sigma(half_widths)
+    fit = fit_power_law(n, y, sigma=sigma)
     if fit is None:
         return [_refuse(e, "the power-law fit did not converge") for e in refused]
-    lo, hi = intervals.interval("miou")
-    reason = _poor_fit(fit, n, (hi - lo)[pos] / 2, min_r2)
+    reason = _poor_fit(fit, n, half_widths, min_r2)
     if reason:
         return [_refuse(e, reason) for e in refused]
     note = ("3 budgets for 3 parameters: the curve passes through every point, so its fit "
             "cannot be checked" if len(n) == 3 else f"R² = {fit.r2:.3f}")
-    replicate_images = _replicate_images(intervals, n, pos, fit, targets)
+    replicate_images = _replicate_images(intervals, n, pos, fit, targets, sigma)
     return [_estimate(e, fit, n, samples, intervals.level, note)
             for e, samples in zip(refused, replicate_images.T, strict=True)]
+
+
+# A half-width under 0.01 mIoU points counts as that: noiseless points weigh alike, not inf.
+_MIN_SIGMA = 1e-4
+
+
+def _fit_sigma(half_widths: np.ndarray) -> np.ndarray | None:
+    """The weights of the fit: each budget's interval half-width (None, an unweighted fit,
+    when a budget has no interval)."""
+    if np.isnan(half_widths).any():
+        return None
+    return np.maximum(half_widths, _MIN_SIGMA)
 
 
 def _refuse(estimate: BudgetEstimate, reason: str) -> BudgetEstimate:
@@ -540,7 +562,7 @@ def _poor_fit(fit: PowerLawFit, n: np.ndarray, half_widths: np.ndarray,
     if fit.r2 < min_r2:
         return f"poor fit (R² = {fit.r2:.2f} < {min_r2:g})"
     # A residual under 0.01 mIoU points is never a miss: noiseless data has zero-width intervals.
-    allowed = np.maximum(np.nan_to_num(half_widths), 1e-4)
+    allowed = np.maximum(np.nan_to_num(half_widths), _MIN_SIGMA)
     if (np.abs(fit.residuals) > allowed).any():
         k = int(np.argmax(np.abs(fit.residuals) - allowed))
         return (f"poor fit: the curve misses the {n[k]:g}-image point by "
@@ -550,7 +572,8 @@ def _poor_fit(fit: PowerLawFit, n: np.ndarray, half_widths: np.ndarray,
 
 
 def _replicate_images(intervals: BudgetIntervals, n: np.ndarray, pos: np.ndarray,
-                      fit: PowerLawFit, targets: Sequence[float]) -> np.ndarray:
+                      fit: PowerLawFit, targets: Sequence[float],
+                      sigma: np.ndarray | None) -> np.ndarray:
     """(B, targets) images needed under each replicate's refitted curve and its own 100 %
     mIoU; +inf where the curve never reaches the target, nan where the refit failed."""
     reps = intervals.replicates["miou"]
@@ -559,7 +582,7 @@ def _replicate_images(intervals: BudgetIntervals, n: np.ndarray, pos: np.ndarray
     for i, row in enumerate(reps):
         if np.isnan(row[pos]).any() or np.isnan(full[i]):
             continue
-        refit = fit_power_law(n, row[pos], p0=(fit.a, fit.b, fit.c))
+        refit = fit_power_law(n, row[pos], p0=(fit.a, fit.b, fit.c), sigma=sigma)
         if refit is not None:
             out[i] = [refit.images_for(t * full[i]) for t in targets]
     return out

@@ -572,7 +572,8 @@ COMPARISON_NOTE = (
     "its side of the interval is the test episodes' alone). Each row's interval is 95 % on "
     "its own, not jointly over the rows. A difference whose interval holds 0 is noise.")
 FIT_NOTE = ("Fit: mIoU(n) = a − b·n^(−c) over the budgets with labelled images, n = labelled "
-            "images; refitted on every bootstrap replicate. " + BIAS_NOTE)
+            "images, each budget weighted by its interval's half-width; refitted on every "
+            "bootstrap replicate. " + BIAS_NOTE)
 
 
 def to_markdown(summary: Summary | pd.DataFrame) -> str:
