@@ -32,8 +32,6 @@ STUDY_TAG = "fss.study"
 KIND_TAG = "fss.kind"
 TAG_COLUMNS = ["model", "budget", "fold", "shots", "ways", "seed", "budget_seed"]
 CLASS_TAGS = {"scored_classes": TEST_CLASSES_TAG, "dropped_classes": TEST_DROPPED_TAG}
-# What test episodes a run was scored on (`EvalResult.test_key`): equal keys, pairable runs.
-TEST_KEY_TAG = TEST_EPISODES_TAG
 METRIC_COLUMNS = {"miou": "test/miou", "fbiou": "test/fbiou", "labels_images": "labels/images",
                   "labels_pixels": "labels/pixels"}
 EPISODES_ARTIFACT = "eval/test/episodes.csv"
@@ -106,7 +104,8 @@ def child_results(parent_run_id: str) -> pd.DataFrame:
         row = {c: r.data.tags.get(c) for c in TAG_COLUMNS}
         row |= {c: r.data.metrics.get(m, math.nan) for c, m in METRIC_COLUMNS.items()}
         row |= {c: r.data.tags.get(t) for c, t in CLASS_TAGS.items()}
-        rows.append(row | {"test_key": r.data.tags.get(TEST_KEY_TAG), "run_id": r.info.run_id})
+        rows.append(row | {"test_key": r.data.tags.get(TEST_EPISODES_TAG),
+                           "run_id": r.info.run_id})
     columns = [*TAG_COLUMNS, *METRIC_COLUMNS, *CLASS_TAGS, "test_key", "run_id"]
     df = pd.DataFrame(rows, columns=columns)
     df["budget"] = df["budget"].astype(float)
@@ -343,13 +342,13 @@ def _miou_mismatches(group: pd.DataFrame, runs: list[intervals.Run]) -> list[str
 
 
 def _mixed_tests(runs: pd.DataFrame) -> str | None:
-    """Where runs of one fold carry different `TEST_KEY_TAG`s, in words (None: one key a fold,
-    or keys not recorded)."""
+    """Where runs of one fold carry different `TEST_EPISODES_TAG`s, in words (None: one key a
+    fold, or keys not recorded)."""
     out = []
     for fold, rows in runs.groupby("fold", sort=True):
         keys = sorted({k for k in rows["test_key"] if isinstance(k, str) and k})
         if len(keys) > 1:
-            out.append(f"fold {fold}: {TEST_KEY_TAG} {', '.join(keys)}")
+            out.append(f"fold {fold}: {TEST_EPISODES_TAG} {', '.join(keys)}")
     return "; ".join(out) or None
 
 
@@ -366,7 +365,8 @@ def _unpairable(setting: pd.DataFrame, episodes: Mapping[str, pd.DataFrame]) -> 
     if any(rid not in episodes for rid in setting["run_id"]):
         return f"not every run has its {EPISODES_ARTIFACT}"
     if not all(isinstance(k, str) and k for k in setting["test_key"]):
-        return f"not every run records its test episodes ({TEST_KEY_TAG}: logged before it existed)"
+        return (f"not every run records its test episodes ({TEST_EPISODES_TAG}: logged before "
+                "it existed)")
     mixed = _mixed_tests(setting)
     return f"they were scored on different test episodes ({mixed})" if mixed else None
 
