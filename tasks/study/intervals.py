@@ -31,14 +31,14 @@ own: seeds are not shared across models, but episodes are.
 **Budget estimate.** A saturating power law with offset, miou(n) = a - b * n**(-c) (b, c > 0),
 fitted to the mean mIoU of the budgets with n > 0 labelled images (weighted least squares: each
 budget by its 95 % interval half-width, so a budget with more seeds or a steadier score weighs
-more), is inverted at 90 % and 95 %
-of the measured full-supervision mIoU; the fit is repeated on every bootstrap replicate's
-per-budget means for an interval. Known bias: Mahmood et al. (CVPR 2022, "How much more data do
-I need? Estimating requirements for downstream tasks") show that power laws fitted on small
-budgets *under*-estimate the data needed to reach a target. The correction applied here: the
-recommended figure is the upper end of the 95 % interval (conservative); the point estimate is
-reported beside it as the optimistic figure. A replicate whose curve never reaches the target
-counts as +inf, so the upper end can be unbounded ("> the largest measured n").
+more), is inverted at 90 % and 95 % of the measured full-supervision mIoU; the fit is repeated
+on every bootstrap replicate's per-budget means for an interval. Known bias: Mahmood et al.
+(CVPR 2022, "How much more data do I need? Estimating requirements for downstream tasks") show
+that power laws fitted on small budgets *under*-estimate the data needed to reach a target. The
+correction applied here: the recommended figure is the upper end of the 95 % interval
+(conservative); the point estimate is reported beside it as the optimistic figure. A replicate
+whose curve never reaches the target counts as +inf, so the upper end can be unbounded ("> the
+largest measured n").
 
 When no estimate is given, a reason is (see `estimate_budget`): no 100 % budget, the smallest
 positive budget is already within noise of full supervision (the interval of its difference to
